@@ -1,0 +1,208 @@
+"""The one generation loop: slots in a KV cache, a batched prefill, then one decode step for all slots.
+
+``Engine.add`` prefills any number of requests together (left-padded to a common length), each into its own
+cache slot; ``Engine.step`` decodes one token for every running slot, whatever its length, and returns what
+each produced. Blocking, streaming and batched generation (``generation.chat``) and the server's continuous
+batching are thin drivers over these two calls.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..image import image_hash
+from ..model.kv_cache import KVCache
+from ..model.visualglm import VisualGLM
+from .sampling import RowSampler, SamplingParams, sample_rows
+
+
+class PromptTooLongError(ValueError):
+    """The prompt alone does not fit into ``max_length`` (or the model's context)."""
+
+
+@dataclass
+class Request:
+    """A tokenised prompt (from ``visualglm.prompt.build_prompt``) plus its image and sampling knobs."""
+
+    input_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    image: torch.Tensor | None = None  # (1, 3, 224, 224) preprocessed pixels
+    pre_image: int = 0  # index of the first placeholder id
+    image_embeds: torch.Tensor | None = None  # (32, C): skip the vision tower
+
+
+@dataclass
+class _Slot:
+    request: Request
+    sampler: RowSampler
+    start: int  # first non-pad cache index
+    length: int  # next cache index to write
+    context: int  # absolute index of <sop>
+    mask_position: int  # 2-D position of every generated token
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model: VisualGLM, *, eos_token_id: int, mask_token_ids: tuple[int, ...],
+                 bos_token_id: int, max_batch_size: int = 1, image_cache_size: int = 8) -> None:
+        self.model = model
+        self.eos = eos_token_id
+        self.bos = bos_token_id
+        self.mask_ids = mask_token_ids
+        self.max_batch_size = max_batch_size
+        self.cache: KVCache | None = None
+        self.slots: dict[int, _Slot] = {}
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._image_cache_size = image_cache_size
+
+    # ----- admission ----------------------------------------------------------------------------
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.max_batch_size) if s not in self.slots]
+
+    def validate(self, request: Request) -> None:
+        n, p = len(request.input_ids), request.params
+        limit = self.model.config.glm.max_sequence_length
+        if n >= p.max_length:
+            raise PromptTooLongError(f"the prompt is {n} tokens, which leaves no room to answer within "
+                                     f"max_length={p.max_length}; shorten the history/query or raise max_length")
+        if n >= limit:
+            raise PromptTooLongError(f"the prompt is {n} tokens, more than the model's context of {limit}")
+        if self.bos not in request.input_ids:
+            raise ValueError("the prompt has no <sop> token: build it with visualglm.prompt.build_prompt")
+        if request.image is not None or request.image_embeds is not None:
+            length = self.model.config.image_length
+            if request.pre_image + length > request.input_ids.index(self.bos):
+                raise ValueError(f"pre_image={request.pre_image} leaves no room for {length} image tokens")
+
+    @torch.inference_mode()
+    def add(self, requests: list[Request]) -> dict[int, int]:
+        """Prefill ``requests`` into free slots; returns {slot: first generated id}."""
+        if not requests:
+            return {}
+        free = self.free_slots()
+        if len(requests) > len(free):
+            raise RuntimeError(f"{len(requests)} requests but only {len(free)} free slots")
+        for r in requests:
+            self.validate(r)
+        slots = free[: len(requests)]
+        width = max(len(r.input_ids) for r in requests)
+        self._ensure_cache(width)
+        dev = self.model.device
+        ids = torch.full((len(requests), width), 0, dtype=torch.long)
+        pos = torch.zeros((len(requests), 2, width), dtype=torch.long)
+        starts, contexts, offsets, embeds = [], [], [], []
+        for row, (slot, r) in enumerate(zip(slots, requests, strict=True)):
+            n = len(r.input_ids)
+            start = width - n
+            ids[row, start:] = torch.tensor(r.input_ids)
+            context_rel = r.input_ids.index(self.bos)
+            mask_pos = self._mask_position(r.input_ids, context_rel)
+            p0 = list(range(n))
+            p0[context_rel:] = [mask_pos] * (n - context_rel)
+            pos[row, 0, start:] = torch.tensor(p0)
+            pos[row, 1, start + context_rel:] = torch.arange(1, n - context_rel + 1)
+            starts.append(start)
+            contexts.append(start + context_rel)
+            emb = self._image_embeds(r)
+            if emb is not None:
+                offsets.append((row, start + r.pre_image))
+                embeds.append(emb)
+            self.slots[slot] = _Slot(r, RowSampler(r.params, self.model.config.glm.vocab_size, dev),
+                                     start=start, length=width, context=start + context_rel,
+                                     mask_position=mask_pos, generated=[])
+        slot_t = torch.tensor(slots, device=dev)
+        logits = self.model(
+            ids.to(dev), pos.to(dev), context_lengths=torch.tensor(contexts, device=dev),
+            starts=torch.tensor(starts, device=dev),
+            image_embeds=torch.stack(embeds) if embeds else None,
+            image_offsets=torch.tensor(offsets, device=dev) if offsets else None,
+            cache=self.cache, cache_pos=torch.arange(width, device=dev).expand(len(requests), width),
+            slots=self._slot_index(slot_t), kv_len=width, logits="last",
+        )[:, -1]
+        return self._accept(slots, logits)
+
+    # ----- decoding -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        """One token for every running slot; returns {slot: id}. Finished slots are released."""
+        running = sorted(s for s, st in self.slots.items() if not st.done)
+        if not running:
+            return {}
+        dev = self.model.device
+        states = [self.slots[s] for s in running]
+        last = torch.tensor([[st.generated[-1]] for st in states], device=dev)  # (B, 1)
+        block = [st.length - st.context + 1 for st in states]
+        pos = torch.tensor([[[st.mask_position], [b]] for st, b in zip(states, block, strict=True)],
+                           device=dev)  # (B, 2, 1)
+        where = torch.tensor([[st.length] for st in states], device=dev)  # (B, 1)
+        kv_len = max(st.length for st in states) + 1
+        self._ensure_cache(kv_len)
+        logits = self.model(
+            last, pos, context_lengths=torch.tensor([st.context for st in states], device=dev),
+            starts=torch.tensor([st.start for st in states], device=dev), cache=self.cache, cache_pos=where,
+            slots=self._slot_index(torch.tensor(running, device=dev)), kv_len=kv_len, logits="last",
+        )[:, -1]
+        for st in states:
+            st.length += 1
+        return self._accept(running, logits)
+
+    def finish(self, slot: int) -> None:
+        """Release a slot (finished, aborted or disconnected)."""
+        self.slots.pop(slot, None)
+
+    def release_finished(self) -> None:
+        for s in [s for s, st in self.slots.items() if st.done]:
+            self.finish(s)
+
+    # ----- internals ------------------------------------------------------------------------------
+    def _accept(self, slots: list[int], logits: torch.Tensor) -> dict[int, int]:
+        states = [self.slots[s] for s in slots]
+        ids = sample_rows(logits, [st.sampler for st in states]).tolist()
+        out = {}
+        for s, st, tok in zip(slots, states, ids, strict=True):
+            st.generated.append(tok)
+            st.sampler.observe(tok)
+            p = st.request.params
+            total = len(st.request.input_ids) + len(st.generated)
+            if tok == self.eos or total >= p.max_length or (
+                    p.max_new_tokens is not None and len(st.generated) >= p.max_new_tokens):
+                st.done = True
+            out[s] = tok
+        return out
+
+    def _mask_position(self, ids: list[int], context_rel: int) -> int:
+        for m in self.mask_ids:
+            if m in ids[:context_rel]:
+                return ids.index(m)
+        return context_rel - 1
+
+    def _slot_index(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """None when the slots are exactly 0..B-1, so the cache is read through views (no gather)."""
+        b = slots.shape[0]
+        if bool((slots == torch.arange(b, device=slots.device)).all()):
+            return None
+        return slots
+
+    def _ensure_cache(self, length: int) -> None:
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.max_batch_size, 0)
+        self.cache.reserve(length)
+
+    def _image_embeds(self, r: Request) -> torch.Tensor | None:
+        if r.image_embeds is not None:
+            return r.image_embeds
+        if r.image is None:
+            return None
+        key = image_hash(r.image)
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            return self._image_cache[key]
+        emb = self.model.encode_image(r.image)[0]
+        self._image_cache[key] = emb
+        while len(self._image_cache) > self._image_cache_size:
+            self._image_cache.popitem(last=False)
+        return emb
