@@ -71,7 +71,9 @@ def inspect(path: str | Path) -> CheckpointSource:
         raw = _read_json(folder / "model_config.json")
         if "eva_args" not in raw:
             raise CheckpointError(f"{folder / 'model_config.json'} has no eva_args: not a VisualGLM sat model")
-        return CheckpointSource(folder, "sat", VisualGLMConfig.from_sat(raw), [_sat_weight_file(folder)], tok)
+        src = CheckpointSource(folder, "sat", VisualGLMConfig.from_sat(raw), [_sat_weight_file(folder)], tok)
+        src.config.glm.tie_word_embeddings = _sat_lm_head_is_tied(src.files[0])
+        return src
     raise CheckpointError(f"{folder} is not a checkpoint folder: expected config.json (ours or HF) or "
                           "model_config.json + latest (sat)")
 
@@ -94,6 +96,20 @@ def _sat_weight_file(folder: Path) -> Path:
         hint = f" (found {others}: model-parallel files must be merged first)" if others else ""
         raise CheckpointError(f"sat weight file not found: {file}{hint}")
     return file
+
+
+def _sat_lm_head_is_tied(file: Path) -> bool:
+    """sat stores lm_head separately; ChatGLM's equals the word embedding (one storage in the fixtures).
+    Tie them then, so the model holds one 130k-row matrix instead of two."""
+    try:
+        with open_weights(file) as (names, get):
+            a, b = "transformer.word_embeddings.weight", "mixins.chatglm-final.lm_head.weight"
+            if a not in names or b not in names:
+                return False
+            wa, wb = get(a), get(b)
+            return wa.shape == wb.shape and (wa.data_ptr() == wb.data_ptr() or torch.equal(wa, wb))
+    except CheckpointError:
+        return False  # an untrusted pickle: decided (and reported) when the weights are read
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -260,6 +276,7 @@ def write_checkpoint(out_dir: str | Path, config: VisualGLMConfig, tensors: Iter
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        _apply_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,6 +319,15 @@ def _finish_layout(folder: Path, shards: list[tuple[str, list[str]]]) -> None:
         os.replace(folder / tmp_name, folder / final)
         weight_map.update(dict.fromkeys(keys, final))
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

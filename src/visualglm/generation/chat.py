@@ -73,10 +73,10 @@ def stream_chat(model: Any, tokenizer: Any, image: Any, query: str, history: His
 
 def chat(model: Any, tokenizer: Any, image: Any, query: str, history: History | None = None,
          **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
-    response, new_history = "", list(history or []) + [(query, "")]
-    for response, new_history in stream_chat(model, tokenizer, image, query, history, **kwargs):
+    last = ("", list(history or []) + [(query, "")])
+    for last in stream_chat(model, tokenizer, image, query, history, **kwargs):  # noqa: B007
         pass
-    return response, new_history
+    return last
 
 
 def batch_chat(model: Any, tokenizer: Any, items: Sequence[tuple], *, english: bool = False,
@@ -91,7 +91,7 @@ def batch_chat(model: Any, tokenizer: Any, items: Sequence[tuple], *, english: b
                                      **(image_kwargs or {})))
     engine = make_engine(model, tokenizer, max_batch_size=max(len(requests), 1))
     final: list[str] = [""] * len(requests)
-    for final, _ in _run(engine, tokenizer, requests, english):
+    for final, _ in _run(engine, tokenizer, requests, english):  # noqa: B007
         pass
     return [(text, hist + [(q, text)]) for text, (q, hist) in zip(final, histories, strict=True)]
 

@@ -1,0 +1,28 @@
+"""Flags and loading shared by every command that needs a model: one way to get one."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="checkpoint folder (ours, sat or HF)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (needed for sat folders)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: fp32 for small models on CPU, bf16 from 1B params / on GPU)")
+    g.add_argument("--qkv-layout", default="auto", choices=["auto", "contiguous", "interleaved"],
+                   help="sat GLM query_key_value row layout (auto-detected)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow pickled checkpoints that hold more than tensors (only for files you trust)")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..api import load
+
+    if args.model is None:
+        raise SystemExit("error: --model is required (a checkpoint folder)")
+    return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle)
