@@ -1,16 +1,29 @@
-"""Shared fixtures: where the golden reference data lives.
+"""Shared fixtures: where the golden reference data lives, and small models to test with.
 
 The reference folder sits beside the repository (``../shared/reference``); it is never copied in.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def reference_dirs() -> list[Path]:
+    """The shipped fixture folder plus any named in VISUALGLM_REFERENCE_DIRS (os.pathsep-separated)."""
+    dirs = [REFERENCE_DIR]
+    extra = os.environ.get("VISUALGLM_REFERENCE_DIRS", "")
+    dirs += [Path(p).expanduser() for p in extra.split(os.pathsep) if p.strip()]
+    return dirs
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +36,25 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(reference_dir: Path) -> Path:
     return reference_dir / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def reference_cases(reference_dir: Path) -> list[dict]:
+    return json.loads((reference_dir / "cases.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.fixture(scope="session")
+def reference_model(reference_dir: Path):
+    """(model, tokenizer): the tiny reference checkpoint (HF layout) in float32 on CPU. Do not modify it."""
+    import visualglm
+
+    return visualglm.load(reference_dir / "tiny-visualglm-hf", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh randomly initialised model of the reference's tiny shape (float32, CPU)."""
+    from visualglm.config import VisualGLMConfig
+    from visualglm.model.init import random_model
+
+    return random_model(VisualGLMConfig.from_name("tiny"), seed=0)
