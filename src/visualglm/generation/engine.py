@@ -9,6 +9,7 @@ batching are thin drivers over these two calls.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,19 @@ from ..image import image_hash
 from ..model.kv_cache import KVCache
 from ..model.visualglm import VisualGLM
 from .sampling import RowSampler, SamplingParams, sample_rows
+
+
+def prompt_positions(ids: list[int], bos_id: int, mask_ids: tuple[int, ...]) -> tuple[list[int], list[int], int]:
+    """GLM 2-D positions of a prompt: (positions, block positions, position of generated tokens).
+
+    Positions count 0.. up to ``<sop>``, which takes the index of the ``[gMASK]``/``[MASK]`` token (as does
+    every generated token); block positions are 0 over the context and 1, 2, ... from ``<sop>`` on.
+    """
+    context = ids.index(bos_id)
+    mask_pos = next((ids.index(m) for m in mask_ids if m in ids[:context]), context - 1)
+    positions = list(range(context)) + [mask_pos] * (len(ids) - context)
+    blocks = [0] * context + list(range(1, len(ids) - context + 1))
+    return positions, blocks, mask_pos
 
 
 class PromptTooLongError(ValueError):
@@ -58,6 +72,8 @@ class Engine:
         self.slots: dict[int, _Slot] = {}
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._image_cache_size = image_cache_size
+        # Sees the raw logits (B, V) each sampled token came from: for tests, debugging, logit comparisons.
+        self.logits_observer: Callable[[list[int], torch.Tensor], None] | None = None
 
     # ----- admission ----------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
@@ -100,11 +116,9 @@ class Engine:
             start = width - n
             ids[row, start:] = torch.tensor(r.input_ids)
             context_rel = r.input_ids.index(self.bos)
-            mask_pos = self._mask_position(r.input_ids, context_rel)
-            p0 = list(range(n))
-            p0[context_rel:] = [mask_pos] * (n - context_rel)
+            p0, p1, mask_pos = prompt_positions(r.input_ids, self.bos, self.mask_ids)
             pos[row, 0, start:] = torch.tensor(p0)
-            pos[row, 1, start + context_rel:] = torch.arange(1, n - context_rel + 1)
+            pos[row, 1, start:] = torch.tensor(p1)
             starts.append(start)
             contexts.append(start + context_rel)
             emb = self._image_embeds(r)
@@ -160,6 +174,8 @@ class Engine:
 
     # ----- internals ------------------------------------------------------------------------------
     def _accept(self, slots: list[int], logits: torch.Tensor) -> dict[int, int]:
+        if self.logits_observer is not None:
+            self.logits_observer(slots, logits)
         states = [self.slots[s] for s in slots]
         ids = sample_rows(logits, [st.sampler for st in states]).tolist()
         out = {}
@@ -173,12 +189,6 @@ class Engine:
                 st.done = True
             out[s] = tok
         return out
-
-    def _mask_position(self, ids: list[int], context_rel: int) -> int:
-        for m in self.mask_ids:
-            if m in ids[:context_rel]:
-                return ids.index(m)
-        return context_rel - 1
 
     def _slot_index(self, slots: torch.Tensor) -> torch.Tensor | None:
         """None when the slots are exactly 0..B-1, so the cache is read through views (no gather)."""
