@@ -179,3 +179,34 @@ def test_half_precision_runs_close_to_float32(reference_model, dtype):
     assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
     response, _ = model.chat(tok, None, "Hello", english=True, max_length=20, do_sample=False)
     assert isinstance(response, str)
+
+
+def test_follow_up_turns_reuse_the_image_embedding(reference_model, reference_dir, monkeypatch):
+    model, tok = reference_model
+    calls = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda px: (calls.append(1), encode(px))[1])
+    image = reference_dir / "chelsea.png"
+    _, history = model.chat(tok, image, "描述这张图片。", max_length=60, do_sample=False)
+    model.chat(tok, image, "这是什么动物？", history, max_length=90, do_sample=False)
+    assert len(calls) <= 1  # at most once: an earlier test may already have cached this image
+
+
+def test_concurrent_chats_from_threads_do_not_interfere(reference_model, reference_dir):
+    import threading
+
+    model, tok = reference_model
+    jobs = [(reference_dir / "chelsea.png", "描述这张图片。", False), (None, "Hello, who are you?", True)] * 2
+    expected = [model.chat(tok, img, q, english=en, max_length=70, do_sample=False)[0] for img, q, en in jobs]
+    results: list[str | None] = [None] * len(jobs)
+
+    def work(i: int) -> None:
+        img, q, en = jobs[i]
+        results[i] = model.chat(tok, img, q, english=en, max_length=70, do_sample=False)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected

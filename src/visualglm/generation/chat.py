@@ -6,12 +6,14 @@ original ``chat()`` does, so their outputs agree with each other and with the re
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ..image import image_to_tensor
 from ..prompt import History, build_prompt, extract_answer
-from .engine import Engine, Request
+from .engine import Engine, ImageEmbeddingCache, Request
 from .sampling import SamplingParams
 
 ENGLISH_BANNED_DEFAULT = ((63823, 130000),)  # the original cli_demo --english: no Chinese ids
@@ -36,14 +38,39 @@ def english_banned_ranges(tokenizer: Any) -> tuple[tuple[int, int], ...]:
     return ENGLISH_BANNED_DEFAULT if tokenizer.vocab_size > ENGLISH_BANNED_DEFAULT[0][1] else ()
 
 
-def make_engine(model: Any, tokenizer: Any, max_batch_size: int = 1) -> Engine:
-    engine = getattr(model, "_engine", None)
-    if engine is None or engine.max_batch_size < max_batch_size or engine.slots:
-        engine = Engine(model, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                        mask_token_ids=(tokenizer.mask_token_id, tokenizer.gmask_token_id),
-                        max_batch_size=max_batch_size)
-        model._engine = engine  # reuse the cache and the image-embedding cache across turns
-    return engine
+_POOL_LOCK = threading.Lock()
+
+
+def make_engine(model: Any, tokenizer: Any, max_batch_size: int = 1,
+                image_cache: ImageEmbeddingCache | None = None) -> Engine:
+    """A new engine; all engines of one model share its image-embedding cache."""
+    with _POOL_LOCK:
+        if image_cache is None:
+            image_cache = model.__dict__.setdefault("_image_cache", ImageEmbeddingCache())
+    return Engine(model, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                  mask_token_ids=(tokenizer.mask_token_id, tokenizer.gmask_token_id),
+                  max_batch_size=max_batch_size, image_cache=image_cache)
+
+
+@contextmanager
+def borrow_engine(model: Any, tokenizer: Any, max_batch_size: int = 1) -> Iterator[Engine]:
+    """An idle engine of this model (its KV cache is reused across calls), or a new one; safe to use from
+    several threads at once (e.g. a web UI serving several users): each call gets its own engine."""
+    with _POOL_LOCK:
+        pool: list[Engine] = model.__dict__.setdefault("_engine_pool", [])
+        engine = next((e for e in pool if e.max_batch_size >= max_batch_size), None)
+        if engine is not None:
+            pool.remove(engine)
+    if engine is None:
+        engine = make_engine(model, tokenizer, max_batch_size)
+    try:
+        yield engine
+    finally:
+        for slot in list(engine.slots):
+            engine.finish(slot)
+        with _POOL_LOCK:
+            pool.append(engine)
+            del pool[:-2]  # keep a couple of idle caches, not one per past caller
 
 
 def make_request(model: Any, tokenizer: Any, image: Any, query: str, history: History | None,
@@ -62,13 +89,13 @@ def stream_chat(model: Any, tokenizer: Any, image: Any, query: str, history: His
     history = list(history or [])
     params = sampling_params(tokenizer, english=english, **sampling)
     request = make_request(model, tokenizer, image, query, history, params, english, **(image_kwargs or {}))
-    engine = make_engine(model, tokenizer)
     shown = ""
-    for answer, done in _run(engine, tokenizer, [request], english):
-        text = answer[0]
-        if text != shown or done:
-            shown = text
-            yield text, history + [(query, text)]
+    with borrow_engine(model, tokenizer) as engine:
+        for answer, done in _run(engine, tokenizer, [request], english):
+            text = answer[0]
+            if text != shown or done:
+                shown = text
+                yield text, history + [(query, text)]
 
 
 def chat(model: Any, tokenizer: Any, image: Any, query: str, history: History | None = None,
@@ -89,10 +116,10 @@ def batch_chat(model: Any, tokenizer: Any, items: Sequence[tuple], *, english: b
         histories.append((query, list(history or [])))
         requests.append(make_request(model, tokenizer, image, query, history, params, english,
                                      **(image_kwargs or {})))
-    engine = make_engine(model, tokenizer, max_batch_size=max(len(requests), 1))
     final: list[str] = [""] * len(requests)
-    for final, _ in _run(engine, tokenizer, requests, english):  # noqa: B007
-        pass
+    with borrow_engine(model, tokenizer, max_batch_size=max(len(requests), 1)) as engine:
+        for final, _ in _run(engine, tokenizer, requests, english):  # noqa: B007
+            pass
     return [(text, hist + [(q, text)]) for text, (q, hist) in zip(final, histories, strict=True)]
 
 

@@ -8,6 +8,7 @@ batching are thin drivers over these two calls.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,32 @@ def prompt_positions(ids: list[int], bos_id: int, mask_ids: tuple[int, ...]) -> 
     positions = list(range(context)) + [mask_pos] * (len(ids) - context)
     blocks = [0] * context + list(range(1, len(ids) - context + 1))
     return positions, blocks, mask_pos
+
+
+class ImageEmbeddingCache:
+    """LRU of image embeddings keyed by the pixels' hash: a follow-up turn about the same image skips the
+    vision tower (a ViT-g forward). Thread-safe, so several engines of one model can share it."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, pixels: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = image_hash(pixels)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class PromptTooLongError(ValueError):
@@ -62,7 +89,8 @@ class _Slot:
 
 class Engine:
     def __init__(self, model: VisualGLM, *, eos_token_id: int, mask_token_ids: tuple[int, ...],
-                 bos_token_id: int, max_batch_size: int = 1, image_cache_size: int = 8) -> None:
+                 bos_token_id: int, max_batch_size: int = 1, image_cache: ImageEmbeddingCache | None = None
+                 ) -> None:
         self.model = model
         self.eos = eos_token_id
         self.bos = bos_token_id
@@ -70,8 +98,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.cache: KVCache | None = None
         self.slots: dict[int, _Slot] = {}
-        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._image_cache_size = image_cache_size
+        self.image_cache = image_cache if image_cache is not None else ImageEmbeddingCache()
         # Sees the raw logits (B, V) each sampled token came from: for tests, debugging, logit comparisons.
         self.logits_observer: Callable[[list[int], torch.Tensor], None] | None = None
 
@@ -128,14 +155,13 @@ class Engine:
             self.slots[slot] = _Slot(r, RowSampler(r.params, self.model.config.glm.vocab_size, dev),
                                      start=start, length=width, context=start + context_rel,
                                      mask_position=mask_pos, generated=[])
-        slot_t = torch.tensor(slots, device=dev)
         logits = self.model(
             ids.to(dev), pos.to(dev), context_lengths=torch.tensor(contexts, device=dev),
             starts=torch.tensor(starts, device=dev),
             image_embeds=torch.stack(embeds) if embeds else None,
             image_offsets=torch.tensor(offsets, device=dev) if offsets else None,
             cache=self.cache, cache_pos=torch.arange(width, device=dev).expand(len(requests), width),
-            slots=self._slot_index(slot_t), kv_len=width, logits="last",
+            slots=self._slot_index(slots), kv_len=width, logits="last",
         )[:, -1]
         return self._accept(slots, logits)
 
@@ -158,7 +184,7 @@ class Engine:
         logits = self.model(
             last, pos, context_lengths=torch.tensor([st.context for st in states], device=dev),
             starts=torch.tensor([st.start for st in states], device=dev), cache=self.cache, cache_pos=where,
-            slots=self._slot_index(torch.tensor(running, device=dev)), kv_len=kv_len, logits="last",
+            slots=self._slot_index(running), kv_len=kv_len, logits="last",
         )[:, -1]
         for st in states:
             st.length += 1
@@ -190,12 +216,11 @@ class Engine:
             out[s] = tok
         return out
 
-    def _slot_index(self, slots: torch.Tensor) -> torch.Tensor | None:
+    def _slot_index(self, slots: list[int]) -> torch.Tensor | None:
         """None when the slots are exactly 0..B-1, so the cache is read through views (no gather)."""
-        b = slots.shape[0]
-        if bool((slots == torch.arange(b, device=slots.device)).all()):
+        if slots == list(range(len(slots))):
             return None
-        return slots
+        return torch.tensor(slots, device=self.model.device)
 
     def _ensure_cache(self, length: int) -> None:
         if self.cache is None:
@@ -207,12 +232,4 @@ class Engine:
             return r.image_embeds
         if r.image is None:
             return None
-        key = image_hash(r.image)
-        if key in self._image_cache:
-            self._image_cache.move_to_end(key)
-            return self._image_cache[key]
-        emb = self.model.encode_image(r.image)[0]
-        self._image_cache[key] = emb
-        while len(self._image_cache) > self._image_cache_size:
-            self._image_cache.popitem(last=False)
-        return emb
+        return self.image_cache.get_or_compute(r.image, lambda: self.model.encode_image(r.image)[0])
