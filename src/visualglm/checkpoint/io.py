@@ -1,18 +1,28 @@
 """Reading and writing checkpoints: sat folders, HF folders and our own layout all converge here.
 
 Loading never holds two copies of the weights: the model is built on the ``meta`` device and filled file by
-file (safetensors read tensor by tensor, pickles memory-mapped), each tensor converted, cast and placed
-before the next is read. A ``transform`` hook (quantization) sees every tensor on the way in.
+file. Each file is memory-mapped (safetensors, and pickles through ``torch.load(mmap=True)``); every tensor
+is copied (cast, QKV rows reordered) into its final place in slices, and the slice's pages of the mapping
+are handed back to the kernel right away, so neither a whole file nor a second copy of a tensor is ever
+resident (``benchmarks/load_memory.py``: peak RSS about 1.16 x the weights, Python and torch included).
+The loaded model owns its memory: nothing stays mapped, so the files may be replaced or deleted while it
+runs. A ``transform`` hook (quantization, tensor parallelism) sees every tensor on the way in.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
+import mmap
 import os
 import pickle
 import shutil
+import statistics
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import VisualGLMConfig
-from .keymaps import GLM_QKV, canonical_name, contiguous_to_interleaved, guess_qkv_layout
+from .keymaps import GLM_QKV, canonical_name, foreign_name, interleaved_view, qkv_separation
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 INDEX_NAME = "model.safetensors.index.json"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
+_CHUNK_BYTES = 64 * 1024**2  # copy granularity: the most of a source tensor resident at once
+_MIN_F, _MIN_F_RATIO = 20.0, 4.0  # QKV layout detection: how clear a separation must be to count
 
 # name, tensor -> {name: tensor}: lets quantization replace one weight by (int weight, scales).
 Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
@@ -44,12 +60,18 @@ class CheckpointSource:
     config: VisualGLMConfig
     files: list[Path]
     tokenizer_dir: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. our config.json's quantization record
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. our config.json's torch_dtype
+    index: Path | None = None  # the shard index, when the folder has one
+    weight_map: dict[str, Path] = field(default_factory=dict)  # stored key -> shard, from the index
 
 
 # ----- finding out what a folder is ------------------------------------------------------------------
-def inspect(path: str | Path) -> CheckpointSource:
-    """Recognise a checkpoint folder (ours, sat or HF) and list its weight files."""
+def inspect(path: str | Path, *, trust_pickle: bool = False) -> CheckpointSource:
+    """Recognise a checkpoint folder (ours, sat or HF) and list its weight files.
+
+    ``trust_pickle`` is needed here only to look into a sat pickle that holds more than tensors (to see
+    whether its lm_head is the word embedding).
+    """
     folder = Path(path).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
@@ -61,18 +83,21 @@ def inspect(path: str | Path) -> CheckpointSource:
         raw = _read_json(cfg_file)
         if raw.get("format") == "visualglm":
             extra = {k: raw.pop(k) for k in ("torch_dtype",) if k in raw}
-            return CheckpointSource(folder, "visualglm", VisualGLMConfig.from_dict(raw),
-                                    _weight_files(folder), tok, extra)
+            config = _parse_config(cfg_file, VisualGLMConfig.from_dict, raw)
+            return _with_weights(CheckpointSource(folder, "visualglm", config, [], tok, extra))
         if "eva_config" in raw:
-            return CheckpointSource(folder, "hf", VisualGLMConfig.from_hf(raw), _weight_files(folder), tok)
+            config = _parse_config(cfg_file, VisualGLMConfig.from_hf, raw)
+            return _with_weights(CheckpointSource(folder, "hf", config, [], tok))
         raise CheckpointError(f"{cfg_file} is neither a visualglm config (\"format\": \"visualglm\") nor a "
                               "VisualGLM HF config (it has no eva_config: a plain ChatGLM has no image part)")
     if (folder / "model_config.json").is_file():
-        raw = _read_json(folder / "model_config.json")
+        cfg_file = folder / "model_config.json"
+        raw = _read_json(cfg_file)
         if "eva_args" not in raw:
-            raise CheckpointError(f"{folder / 'model_config.json'} has no eva_args: not a VisualGLM sat model")
-        src = CheckpointSource(folder, "sat", VisualGLMConfig.from_sat(raw), [_sat_weight_file(folder)], tok)
-        src.config.glm.tie_word_embeddings = _sat_lm_head_is_tied(src.files[0])
+            raise CheckpointError(f"{cfg_file} has no eva_args: not a VisualGLM sat model")
+        config = _parse_config(cfg_file, VisualGLMConfig.from_sat, raw)
+        src = CheckpointSource(folder, "sat", config, [_sat_weight_file(folder)], tok)
+        src.config.glm.tie_word_embeddings = _sat_lm_head_is_tied(src.files[0], trust_pickle)
         return src
     raise CheckpointError(f"{folder} is not a checkpoint folder: expected config.json (ours or HF) or "
                           "model_config.json + latest (sat)")
@@ -80,16 +105,32 @@ def inspect(path: str | Path) -> CheckpointSource:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _parse_config(path: Path, parse: Callable[[dict[str, Any]], VisualGLMConfig],
+                  raw: dict[str, Any]) -> VisualGLMConfig:
+    try:
+        return parse(raw)
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks the field {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def _sat_weight_file(folder: Path) -> Path:
     latest = folder / "latest"
     if not latest.is_file():
-        raise CheckpointError(f"sat folder {folder} has no 'latest' file naming the iteration folder")
-    it = latest.read_text().strip()
+        raise CheckpointError(f"sat folder {folder} has no 'latest' file naming the iteration folder "
+                              "(sat writes it next to model_config.json; it holds e.g. '1')")
+    it = latest.read_text(encoding="utf-8").strip()
+    if not it or "/" in it or it in (".", ".."):
+        raise CheckpointError(f"{latest} should name an iteration folder inside {folder}, found {it!r}")
     file = folder / it / "mp_rank_00_model_states.pt"
     if not file.is_file():
         others = sorted(p.name for p in (folder / it).glob("mp_rank_*")) if (folder / it).is_dir() else []
@@ -98,148 +139,441 @@ def _sat_weight_file(folder: Path) -> Path:
     return file
 
 
-def _sat_lm_head_is_tied(file: Path) -> bool:
+def _sat_lm_head_is_tied(file: Path, trust_pickle: bool) -> bool:
     """sat stores lm_head separately; ChatGLM's equals the word embedding (one storage in the fixtures).
     Tie them then, so the model holds one 130k-row matrix instead of two."""
+    a, b = "transformer.word_embeddings.weight", "mixins.chatglm-final.lm_head.weight"
     try:
-        with open_weights(file) as (names, get):
-            a, b = "transformer.word_embeddings.weight", "mixins.chatglm-final.lm_head.weight"
-            if a not in names or b not in names:
+        with open_weights(file, trust_pickle=trust_pickle) as wf:
+            if a not in wf.names or b not in wf.names:
                 return False
-            wa, wb = get(a), get(b)
-            return wa.shape == wb.shape and (wa.data_ptr() == wb.data_ptr() or torch.equal(wa, wb))
+            wa, wb = wf.view(a), wf.view(b)
+            if wa.shape != wb.shape or wa.dtype != wb.dtype:
+                return False
+            if wa.data_ptr() == wb.data_ptr() and wa.stride() == wb.stride():
+                return True
+            return wf.equal(wa, wb)
     except CheckpointError:
-        return False  # an untrusted pickle: decided (and reported) when the weights are read
+        return False  # unreadable or an untrusted pickle: reported when the weights are read
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for index_name in (INDEX_NAME, "pytorch_model.bin.index.json"):
+def _with_weights(src: CheckpointSource) -> CheckpointSource:
+    """HF / our folders: the shards named by an index, else the weight files present."""
+    folder = src.path
+    for index_name in (INDEX_NAME, BIN_INDEX_NAME):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(_read_json(index)["weight_map"].values()))
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names shard files that are missing: {missing}")
-            return [folder / n for n in names]
+            src.index, src.weight_map = index, _read_index(index)
+            src.files = sorted(set(src.weight_map.values()))
+            return src
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         files = sorted(folder.glob(pattern))
         if files:
-            return files
-    raise CheckpointError(f"{folder} has no weights: expected *.safetensors or pytorch_model*.bin")
+            src.files = files
+            return src
+    raise CheckpointError(f"{folder} has no weights: expected {INDEX_NAME} or {BIN_INDEX_NAME} with its "
+                          "shards, *.safetensors, or pytorch_model*.bin")
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no \"weight_map\" object mapping weight names to shard files")
+    bad = sorted({str(f) for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f})
+    if bad:
+        raise CheckpointError(f"{index} names shards that are not plain file names in its folder: {bad}")
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        keys = [k for k, f in weight_map.items() if f == missing[0]][:3]
+        raise CheckpointError(f"{index} names shard file(s) that do not exist: {missing} "
+                              f"(e.g. {missing[0]} should hold {keys})")
+    return {k: index.parent / f for k, f in weight_map.items()}
 
 
 # ----- reading tensors ---------------------------------------------------------------------------------
-@contextmanager
-def open_weights(file: Path, *, trust_pickle: bool = False) -> Iterator[tuple[list[str], Callable[[str], torch.Tensor]]]:
-    """(names, get) for one file; tensors are produced lazily (safetensors) or memory-mapped (pickles)."""
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            yield list(f.keys()), f.get_tensor
-        return
-    sd = _load_pickle(file, trust_pickle)
-    if "module" in sd and isinstance(sd["module"], dict):  # sat: weights under "module"
-        sd = sd["module"]
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+class WeightFile:
+    """One open weight file.
+
+    ``view(name)`` is zero-copy and usually memory-mapped: read it, never keep it. ``take(name)`` returns
+    an owned tensor (cast, placed, GLM QKV rows reordered) and hands the source pages back to the kernel
+    slice by slice, so the file itself never stays resident.
+    """
+
+    def __init__(self, path: Path, names: list[str], get: Callable[[str], torch.Tensor],
+                 mapped: bool) -> None:
+        self.path = path
+        self.names = names
+        self._get = get
+        self._ranges = _private_file_mappings(path) if mapped else []
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+    def take(self, name: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             qkv_heads: int | None = None) -> torch.Tensor:
+        """An owned copy of ``name`` in ``dtype`` (default: as stored) on ``device``. ``qkv_heads``:
+        the stored rows are contiguous [Q | K | V]; reorder them per head (our layout) while copying."""
+        src = self._get(name)
+        out = torch.empty(src.shape, dtype=dtype or src.dtype, device=device)
+        if qkv_heads:
+            if src.dim() == 0 or src.shape[0] % (3 * qkv_heads):
+                raise CheckpointError(f"{name!r} in {self.path} has shape {list(src.shape)}: a "
+                                      f"query_key_value tensor needs 3 x {qkv_heads} heads x d rows")
+            per_head = out.view(qkv_heads, 3, -1, *src.shape[1:])  # (H, 3, d, ...)
+            per_head.copy_(interleaved_view(src, qkv_heads))
+            self.release(src)
+        elif src.dim() and src.is_contiguous():
+            rows = max(1, _CHUNK_BYTES // max(1, src[0].numel() * src.element_size()))
+            for start in range(0, src.shape[0], rows):
+                out[start:start + rows].copy_(src[start:start + rows])
+                self.release(src[start:start + rows])
+        else:
+            out.copy_(src)
+            self.release(src)
+        return out
+
+    def equal(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """torch.equal for two views of this file, slice by slice, releasing pages as it goes."""
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dim() == 0:
+            return torch.equal(a, b)
+        rows = max(1, _CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
+        for start in range(0, a.shape[0], rows):
+            same = torch.equal(a[start:start + rows], b[start:start + rows])
+            self.release(a[start:start + rows])
+            self.release(b[start:start + rows])
+            if not same:
+                return False
+        return True
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages of a view we are done with. Only whole pages inside ``t`` and inside a
+        private (copy-on-write, never written) mapping of this file are dropped: their contents stay in
+        the file and come back on the next access. A no-op for tensors in ordinary memory."""
+        if not self._ranges or _MADVISE is None or t.numel() == 0:
+            return
+        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+        start = t.data_ptr()
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + extent * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and any(a <= lo and hi <= b for a, b in self._ranges):
+            _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+def _load_madvise() -> Callable[..., int] | None:
+    linux = sys.platform.startswith("linux") and sys.byteorder == "little"
+    if not linux or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
     try:
-        yield list(tensors), tensors.__getitem__
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _load_madvise()
+
+
+def _private_file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` privately (Linux /proc/self/maps)."""
+    if _MADVISE is None:
+        return []
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.rstrip("\n").split(maxsplit=5)
+                if len(parts) == 6 and parts[5] == real and parts[1].endswith("p"):
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+@contextmanager
+def open_weights(file: Path, *, trust_pickle: bool = False) -> Iterator[WeightFile]:
+    """Open one safetensors file or torch pickle (sat: weights under ``module``) for reading."""
+    if file.suffix == ".safetensors":
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for every malformed header
+            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+        with handle as f:
+            yield WeightFile(file, list(f.keys()), f.get_tensor, mapped=True)
+        return
+    sd, mapped = _load_pickle(file, trust_pickle)
+    tensors = _tensors_of(sd, file)
+    del sd
+    try:
+        yield WeightFile(file, list(tensors), tensors.__getitem__, mapped=mapped and _little_endian(file))
     finally:
         tensors.clear()
-        sd = None
 
 
-def _load_pickle(file: Path, trust_pickle: bool) -> dict[str, Any]:
+def _tensors_of(sd: Any, file: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{file} holds a {type(sd).__name__}, expected a dict of weights")
+    if isinstance(sd.get("module"), dict):  # sat: weights under "module", maybe beside "args" etc.
+        sd = sd["module"]
+    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{file} holds no tensors (top-level keys: {sorted(map(str, sd))[:8]}); "
+                              "expected a state dict, or sat's {'module': state dict}")
+    return tensors
+
+
+def _little_endian(file: Path) -> bool:
+    """torch writes a ``byteorder`` record; a big-endian file is byte-swapped in its (private) mapping, so
+    its pages must never be dropped."""
     try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-        except RuntimeError as e:  # legacy (pre-zipfile) pickles cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+        with zipfile.ZipFile(file) as z:
+            records = [n for n in z.namelist() if n.endswith("/byteorder")]
+            return not records or z.read(records[0]).decode().strip() == "little"
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _load_pickle(file: Path, trust_pickle: bool) -> tuple[Any, bool]:
+    """(loaded object, memory-mapped?). Legacy (pre-zip) pickles cannot be mapped and load whole."""
+    try:
+        return _torch_load(file, trust_pickle, mmap=True), True
+    except _NotMappable:
+        return _torch_load(file, trust_pickle, mmap=False), False
+
+
+class _NotMappable(Exception):
+    pass
+
+
+def _torch_load(file: Path, trust_pickle: bool, *, mmap: bool) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower() or "Unsupported operand" in str(e):
+            reason = _unpickler_reason(e) if "WeightsUnpickler" in str(e) else _first_line(e)
+            raise CheckpointError(f"{file} is not a readable PyTorch checkpoint ({reason})") from e
         raise CheckpointError(
-            f"{file} contains pickled Python objects besides tensors, which are not loaded by default "
-            f"because unpickling can run arbitrary code ({str(e).splitlines()[0]}). If you trust this file, "
+            f"{file} contains pickled Python objects besides tensors ({_unpickler_reason(e)}), which are "
+            "not loaded by default because unpickling them can run arbitrary code. If you trust this file, "
             "pass trust_pickle=True (command line: --trust-pickle), or convert it once with "
             "`visualglm convert --trust-pickle SRC DST` and use the safetensors copy."
         ) from e
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):
+            raise _NotMappable from e
+        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint: {_first_line(e)}") from e
+    except (OSError, EOFError, KeyError, ValueError, AttributeError, ImportError) as e:
+        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint: {type(e).__name__}: "
+                              f"{_first_line(e)}") from e
 
 
-def iter_canonical(src: CheckpointSource, *, qkv_layout: str = "auto", trust_pickle: bool = False
-                   ) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, canonical name, tensor in the file's dtype) for every weight, GLM QKV in our layout."""
-    if qkv_layout not in ("auto", "contiguous", "interleaved"):
-        raise ValueError(f"qkv_layout must be auto, contiguous or interleaved, got {qkv_layout!r}")
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """'Unsupported global: GLOBAL argparse.Namespace' out of torch's long weights-only message."""
+    rest = str(e).partition("WeightsUnpickler error:")[2].strip()
+    if not rest:
+        return _first_line(e)
+    return rest.splitlines()[0].split(" was not an allowed global")[0].strip().rstrip(".")
+
+
+# ----- canonical tensors -----------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    """One stored weight, seen before its data is read; ``read`` works until the iteration moves on."""
+
+    file: Path
+    key: str  # as stored
+    name: str  # canonical
+    shape: torch.Size
+    dtype: torch.dtype
+    read: Callable[..., torch.Tensor]  # (dtype=None, device="cpu") -> owned tensor
+
+
+def _entries(src: CheckpointSource, qkv_layout: str, trust_pickle: bool) -> Iterator[_Entry]:
+    if qkv_layout not in QKV_LAYOUTS:
+        raise ValueError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}, got {qkv_layout!r}")
     heads = src.config.glm.num_heads
-    layout = "interleaved" if src.format != "sat" else qkv_layout
+    layout = qkv_layout if src.format == "sat" else "interleaved"  # HF and ours are interleaved
+    tied = src.config.glm.tie_word_embeddings
     for file in src.files:
-        with open_weights(file, trust_pickle=trust_pickle) as (names, get):
-            for name in names:
-                try:
-                    canon = canonical_name(name, src.format)
-                except KeyError:
-                    raise CheckpointError(f"unexpected key {name!r} in {file}") from None
-                if canon is None:
-                    continue
-                tensor = get(name)
-                if GLM_QKV.match(canon) and src.format == "sat":
+        with open_weights(file, trust_pickle=trust_pickle) as wf:
+            for key in wf.names:
+                name = _canonical(key, src.format, file)
+                if name is None or (tied and name == "glm.lm_head.weight"):
+                    continue  # ignored keys; a tied lm_head is the word embedding (as the HF code does)
+                reorder = False
+                if src.format == "sat" and GLM_QKV.match(name):
                     if layout == "auto":
-                        layout = _decide_layout(src, get, names, heads)
-                    if layout == "contiguous":
-                        tensor = contiguous_to_interleaved(tensor, heads)
-                yield file, canon, tensor
+                        layout = _decide_layout(wf, heads)
+                    src.extra["qkv_layout"] = layout
+                    reorder = layout == "contiguous"
+                view = wf.view(key)
+                stored_shape, stored_dtype = view.shape, view.dtype
+                del view
+
+                def read(dtype: torch.dtype | None = None, device: torch.device | str = "cpu", *,
+                         _key: str = key, _heads: int | None = heads if reorder else None) -> torch.Tensor:
+                    return wf.take(_key, dtype=dtype, device=device, qkv_heads=_heads)
+
+                yield _Entry(file, key, name, stored_shape, stored_dtype, read)
 
 
-def _decide_layout(src: CheckpointSource, get: Callable[[str], torch.Tensor], names: list[str], heads: int) -> str:
-    """Vote over every GLM QKV weight; fall back to contiguous (current sat) when undecidable."""
-    votes = {"contiguous": 0.0, "interleaved": 0.0}
-    for name in names:
-        canon = canonical_name(name, src.format)
-        if canon and GLM_QKV.match(canon) and canon.endswith("weight"):
-            guess, strength = guess_qkv_layout(get(name), heads)
-            votes[guess] += strength - 1.0
-    return "interleaved" if votes["interleaved"] > votes["contiguous"] + 1.0 else "contiguous"
+def _canonical(key: str, fmt: str, file: Path) -> str | None:
+    try:
+        return canonical_name(key, fmt)
+    except KeyError:
+        raise CheckpointError(f"unexpected key {key!r} in {file}: it is no weight of a VisualGLM {fmt} "
+                              "checkpoint (expected transformer.*, mixins.eva.model.* / image_encoder.*, "
+                              "the lm_head and rotary buffers)") from None
+
+
+def iter_canonical(src: CheckpointSource, *, qkv_layout: str = "auto", trust_pickle: bool = False,
+                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+                   ) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, canonical name, owned tensor) for every weight, GLM QKV in our layout, floating tensors cast
+    to ``dtype`` when given. A tied lm_head is left out. One tensor is read at a time."""
+    for e in _entries(src, qkv_layout, trust_pickle):
+        cast = dtype if dtype is not None and e.dtype.is_floating_point else None
+        yield e.file, e.name, e.read(dtype=cast, device=device)
+
+
+def detect_qkv_layout(src: CheckpointSource, *, trust_pickle: bool = False) -> str | None:
+    """The GLM query_key_value row layout of ``src``: "interleaved" (HF, ours, sat before July 2023),
+    "contiguous" (sat since), or None when a sat file's weights do not tell (e.g. random weights)."""
+    if src.format != "sat":
+        return "interleaved"
+    with open_weights(src.files[0], trust_pickle=trust_pickle) as wf:
+        return _qkv_verdict(wf, src.config.glm.num_heads)[0]
+
+
+def _decide_layout(wf: WeightFile, heads: int) -> str:
+    verdict, scores = _qkv_verdict(wf, heads)
+    if verdict is None:
+        log.warning("%s: the GLM query_key_value layout cannot be told from the weights (separation %s); "
+                    "assuming contiguous (sat since July 2023). Pass qkv_layout='interleaved' "
+                    "(--qkv-layout interleaved) for older sat checkpoints.", wf.path,
+                    {k: round(v, 2) for k, v in scores.items()})
+        return "contiguous"
+    log.info("%s: GLM query_key_value layout detected as %s (separation %s)", wf.path, verdict, scores)
+    return verdict
+
+
+def _qkv_verdict(wf: WeightFile, heads: int) -> tuple[str | None, dict[str, float]]:
+    """Median Q/K/V separation (F statistic) of every GLM QKV weight under each layout; a layout wins
+    only when it separates clearly and far better than the other."""
+    stats: dict[str, list[float]] = {"contiguous": [], "interleaved": []}
+    for key in wf.names:
+        try:
+            name = canonical_name(key, "sat")
+        except KeyError:
+            continue
+        if name is None or not GLM_QKV.match(name) or not name.endswith(".weight"):
+            continue
+        w = wf.view(key)
+        if w.dim() != 2 or w.shape[0] % (3 * heads):
+            continue
+        norms = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)  # (3 * hidden,)
+        wf.release(w)
+        for layout, f in qkv_separation(norms, heads).items():
+            stats[layout].append(f)
+    if not stats["contiguous"]:
+        return None, {}
+    med = {k: statistics.median(v) for k, v in stats.items()}
+    for a, b in (("contiguous", "interleaved"), ("interleaved", "contiguous")):
+        if med[a] >= _MIN_F and med[a] >= _MIN_F_RATIO * med[b]:
+            return a, med
+    return None, med
 
 
 # ----- filling a model ------------------------------------------------------------------------------------
-def load_into(model: torch.nn.Module, src: CheckpointSource, *, device: torch.device, dtype: torch.dtype,
-              qkv_layout: str = "auto", trust_pickle: bool = False, transform: Transform | None = None) -> None:
-    """Fill a model built on ``meta`` from ``src``; every expected key must arrive exactly once."""
+def load_into(model: torch.nn.Module, src: CheckpointSource, *, device: torch.device | str,
+              dtype: torch.dtype, qkv_layout: str = "auto", trust_pickle: bool = False,
+              transform: Transform | None = None) -> None:
+    """Fill a model built on ``meta`` from ``src``; every expected key must arrive exactly once.
+
+    Names, shapes and duplicates are checked before a tensor's data is read; each tensor goes straight
+    into its final dtype and device.
+    """
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.glm.tie_word_embeddings
     if tied:
         expected.pop("glm.lm_head.weight", None)
     seen: dict[str, Path] = {}
-    lm_head_file: Path | None = None
-    for file, name, tensor in iter_canonical(src, qkv_layout=qkv_layout, trust_pickle=trust_pickle):
-        if tied and name == "glm.lm_head.weight":
-            lm_head_file = file  # the HF code replaces it by the word embedding on load; so do we
+    filled: set[str] = set()
+    for e in _entries(src, qkv_layout, trust_pickle):
+        if e.name in seen:
+            raise CheckpointError(f"key {e.key!r} appears twice: in {seen[e.name]} and in {e.file}")
+        seen[e.name] = e.file
+        if transform is None:
+            target = _target(expected, e.name, e.name, e)
+            _check_shape(e.name, list(e.shape), target, e)
+            cast = dtype if e.dtype.is_floating_point and target.is_floating_point() else None
+            _assign(model, e.name, e.read(dtype=cast, device=device))
+            filled.add(e.name)
             continue
-        if name in seen:
-            raise CheckpointError(f"key {name!r} appears twice: in {seen[name]} and in {file}")
-        pieces = transform(name, tensor) if transform is not None else {name: tensor}
+        pieces = transform(e.name, e.read())  # as stored, on the CPU: the transform picks what to keep
         for piece_name, piece in pieces.items():
-            target = expected.get(piece_name)
-            if target is None:
-                raise CheckpointError(f"unexpected key {piece_name!r} in {file} (from {name!r})")
-            if tuple(target.shape) != tuple(piece.shape):
-                raise CheckpointError(f"shape mismatch for {piece_name!r} in {file}: checkpoint "
-                                      f"{list(piece.shape)}, model {list(target.shape)}")
-            cast = dtype if piece.is_floating_point() and target.is_floating_point() else piece.dtype
-            _assign(model, piece_name, piece.to(device=device, dtype=cast, copy=False))
-            seen[piece_name] = file
-        del tensor, pieces
-    missing = sorted(set(expected) - set(seen) - _non_persistent(model))
+            target = _target(expected, piece_name, e.name, e)
+            _check_shape(piece_name, list(piece.shape), target, e)
+            if piece.is_floating_point() and target.is_floating_point() and piece.dtype != dtype:
+                piece = piece.to(dtype=dtype)  # not for pieces already cast (NF4 would dequantize)
+            _assign(model, piece_name, piece.to(device=device))
+            filled.add(piece_name)
+        del pieces
+    missing = sorted(set(expected) - filled - _non_persistent(model))
     if missing:
-        where = ", ".join(str(f) for f in src.files)
-        raise CheckpointError(f"{len(missing)} weight(s) missing from {where}: {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''}")
+        raise CheckpointError(_missing_message(src, missing))
     if tied:
         model.glm.lm_head.weight = model.glm.word_embeddings.weight
-    del lm_head_file
+
+
+def _target(expected: dict[str, torch.Tensor], name: str, source_name: str, e: _Entry) -> torch.Tensor:
+    target = expected.get(name)
+    if target is None:
+        origin = f"stored as {e.key!r}" + (f", via {source_name!r}" if source_name != name else "")
+        raise CheckpointError(f"unexpected key {name!r} in {e.file} ({origin}): the model has no such "
+                              "weight (a checkpoint of another model or config?)")
+    return target
+
+
+def _check_shape(name: str, shape: list[int], target: torch.Tensor, e: _Entry) -> None:
+    if shape != list(target.shape):
+        raise CheckpointError(f"shape mismatch for {name!r} (stored as {e.key!r}) in {e.file}: checkpoint "
+                              f"{shape}, model {list(target.shape)}; does the folder's config match its "
+                              "weights?")
+
+
+def _missing_message(src: CheckpointSource, missing: list[str]) -> str:
+    parts = []
+    for name in missing[:8]:
+        stored = _stored_name(name, src.format)
+        shard = src.weight_map.get(stored)
+        where = f" ({src.index.name} puts it in {shard.name}, which lacks it)" if shard and src.index else ""
+        parts.append(f"{name!r}" + (f" (stored as {stored!r})" if stored != name else "") + where)
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    files = ", ".join(str(f) for f in src.files)
+    return f"{len(missing)} weight(s) missing from {files}: {', '.join(parts)}{more}"
+
+
+def _stored_name(name: str, fmt: str) -> str:
+    try:
+        return foreign_name(name, fmt)
+    except KeyError:
+        return name
 
 
 def _non_persistent(model: torch.nn.Module) -> set[str]:
-    return {n for n, b in model.named_buffers() if n not in model.state_dict()}
+    persistent = model.state_dict()
+    return {n for n, _ in model.named_buffers() if n not in persistent}
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -253,29 +587,34 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 # ----- writing our layout -------------------------------------------------------------------------------
-def write_checkpoint(out_dir: str | Path, config: VisualGLMConfig, tensors: Iterator[tuple[str, torch.Tensor]],
-                     *, tokenizer_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+def write_checkpoint(out_dir: str | Path, config: VisualGLMConfig,
+                     tensors: Iterable[tuple[str, torch.Tensor]], *, tokenizer_dir: str | Path | None = None,
+                     shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
     """Write config.json, safetensors shards + index and tokenizer files, atomically (temp dir + rename).
 
-    ``tensors`` is consumed lazily, so a conversion holds at most one shard in memory.
+    ``tensors`` is consumed lazily, so a conversion holds at most one shard in memory. A tied lm_head is
+    left out (the word embedding is the output matrix). ``dtype`` casts floating tensors.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True (--overwrite)")
+        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True "
+                              "(--overwrite)")
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shards = _write_shards(tmp, tensors, shard_bytes, dtype)
+        tied = config.glm.tie_word_embeddings
+        kept = ((n, t) for n, t in tensors if not (tied and n == "glm.lm_head.weight"))
+        shards, dtypes = _write_shards(tmp, kept, shard_bytes, dtype)
         _finish_layout(tmp, shards)
         record = config.to_dict()
-        if dtype is not None:
-            record["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if len(dtypes) == 1:
+            record["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+            _copy_tokenizer(Path(tokenizer_dir).expanduser(), tmp)
         _apply_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
@@ -284,9 +623,20 @@ def write_checkpoint(out_dir: str | Path, config: VisualGLMConfig, tensors: Iter
     return out
 
 
-def _write_shards(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int,
-                  dtype: torch.dtype | None) -> list[tuple[str, list[str]]]:
-    shards: list[tuple[str, list[str]]] = []
+def _copy_tokenizer(tokenizer_dir: Path, dst: Path) -> None:
+    if not (tokenizer_dir / TOKENIZER_FILES[0]).is_file():
+        raise CheckpointError(f"tokenizer folder {tokenizer_dir} has no {TOKENIZER_FILES[0]}")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, dst / name)
+
+
+def _write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int,
+                  dtype: torch.dtype | None) -> tuple[list[tuple[str, list[str], int]], set[torch.dtype]]:
+    """Fill shards up to ``shard_bytes`` (a larger tensor gets one of its own); (temp name, keys, bytes)."""
+    shards: list[tuple[str, list[str], int]] = []
+    floating: set[torch.dtype] = set()
+    written: set[str] = set()
     current: dict[str, torch.Tensor] = {}
     size = 0
 
@@ -295,12 +645,17 @@ def _write_shards(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], sha
         if current:
             name = f"shard-{len(shards):05d}.tmp"
             save_file(current, str(folder / name), metadata={"format": "pt"})
-            shards.append((name, list(current)))
+            shards.append((name, list(current), size))
             current, size = {}, 0
 
     for name, t in tensors:
+        if name in written:
+            raise CheckpointError(f"key {name!r} is given twice to write_checkpoint")
+        written.add(name)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
+        if t.is_floating_point():
+            floating.add(t.dtype)
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > shard_bytes:
@@ -308,17 +663,19 @@ def _write_shards(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], sha
         current[name] = t.clone() if t.untyped_storage().nbytes() != nbytes else t  # no shared storage
         size += nbytes
     flush()
-    return shards
+    return shards, floating
 
 
-def _finish_layout(folder: Path, shards: list[tuple[str, list[str]]]) -> None:
+def _finish_layout(folder: Path, shards: list[tuple[str, list[str], int]]) -> None:
+    """Name the shards model-0000i-of-0000n.safetensors and write the index (HF's layout)."""
     total = len(shards)
     weight_map: dict[str, str] = {}
-    for i, (tmp_name, keys) in enumerate(shards):
+    for i, (tmp_name, keys, _) in enumerate(shards):
         final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
         os.replace(folder / tmp_name, folder / final)
         weight_map.update(dict.fromkeys(keys, final))
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
+    index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
 
 
 def _apply_umask(folder: Path) -> None:
@@ -331,10 +688,13 @@ def _apply_umask(folder: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return
     backup = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, backup)
     os.replace(tmp, out)
-    shutil.rmtree(backup, ignore_errors=True)
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink(missing_ok=True)
