@@ -1,0 +1,1 @@
+"""Fine-tuning: data (``data``), settings (``config``), the training loop (``recipe``), checkpoints (``state``)."""
