@@ -12,6 +12,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("visualglm.commands.chat", "chat about an image in the terminal (or answer once with --prompt)"),
     "convert": ("visualglm.commands.convert", "convert a sat/HF checkpoint into a self-contained folder"),
+    "serve": ("visualglm.commands.serve", "HTTP API: the original POST / and OpenAI-compatible /v1 (batched)"),
+    "web": ("visualglm.commands.web", "Gradio web demo: upload an image and chat"),
+    "finetune": ("visualglm.commands.finetune", "fine-tune with LoRA, QLoRA, P-tuning v2 or fully (torchrun too)"),
+    "merge-lora": ("visualglm.commands.merge_lora", "merge a LoRA adapter into its base: a standalone checkpoint"),
+    "bench": ("visualglm.commands.bench", "decode speed vs the memory-bandwidth limit, prefill, memory"),
 }
 
 

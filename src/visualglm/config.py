@@ -83,10 +83,34 @@ class GLMConfig:
 
 @dataclass
 class QuantConfig:
-    """Weight-only quantization recorded in the checkpoint, never guessed from file names."""
+    """Weight-only quantization recorded in the checkpoint, never guessed from file names.
 
-    bits: int = 0  # 0 = none, 8 or 4
+    bits: 0 (none), 8 or 4 for the GLM block linears (query_key_value, dense, dense_h_to_4h, dense_4h_to_h).
+    targets: what is quantized: "glm" (those block linears), "lm_head", "embeddings" (GLM word embeddings),
+        "vision" (ViT and Q-Former linears). With a tied lm_head, "lm_head" and "embeddings" are one matrix:
+        naming either quantizes both.
+    extra_bits: 8 or 4 for the lm_head / embeddings / vision targets.
+    """
+
+    bits: int = 0
     targets: list[str] = field(default_factory=lambda: ["glm"])
+    extra_bits: int = 8
+
+    TARGETS = ("glm", "lm_head", "embeddings", "vision")
+
+    def __post_init__(self) -> None:
+        if self.bits not in (0, 4, 8):
+            raise ValueError(f"quant.bits must be 0 (none), 8 or 4, got {self.bits!r}")
+        if self.extra_bits not in (4, 8):
+            raise ValueError(f"quant.extra_bits must be 8 or 4, got {self.extra_bits!r}")
+        unknown = sorted(set(self.targets) - set(self.TARGETS))
+        if unknown:
+            raise ValueError(f"unknown quantization target(s) {unknown}; accepted: {', '.join(self.TARGETS)}")
+        self.targets = [t for t in self.TARGETS if t in self.targets]  # canonical order, no duplicates
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != 0
 
 
 @dataclass
@@ -214,7 +238,21 @@ def _tiny() -> VisualGLMConfig:
     )
 
 
+def _demo() -> VisualGLMConfig:
+    """The shipped demo model (``visualglm.demo``): real 224x224 input in 28-pixel patches (64 + CLS tokens),
+    a few narrow layers, and the vocabulary of the demo tokenizer (871 pieces, padded to a multiple of 64)."""
+    return VisualGLMConfig(
+        vision=VisionConfig(num_layers=3, hidden_size=96, num_heads=4, intermediate_size=384, patch_size=28),
+        qformer=QFormerConfig(num_layers=2, hidden_size=96, num_heads=4, intermediate_size=384,
+                              cross_attention_layers=[True, True], encoder_hidden_size=96),
+        glm=GLMConfig(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512, vocab_size=896,
+                      max_sequence_length=256),
+        name="visualglm-demo",
+    )
+
+
 NAMED_CONFIGS: dict[str, VisualGLMConfig] = {
     "visualglm-6b": VisualGLMConfig(),
     "tiny": _tiny(),
+    "visualglm-demo": _demo(),
 }

@@ -8,7 +8,8 @@ from typing import Any
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="checkpoint folder (ours, sat or HF)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint folder (ours, sat or HF); default: the demo model shipped in the package")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (needed for sat folders)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -17,12 +18,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="sat GLM query_key_value row layout (auto-detected)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled checkpoints that hold more than tensors (only for files you trust)")
+    g.add_argument("--quant", type=int, default=None, choices=[8, 4],
+                   help="weight-only INT8/INT4 GLM block linears, quantized while loading (a checkpoint saved "
+                        "quantized loads as stored without it)")
+    g.add_argument("--quant-extras", default="",
+                   help="with --quant: comma list of lm_head,embeddings,vision to quantize as well (INT8)")
+    g.add_argument("--adapter", default=None, help="LoRA / P-tuning adapter folder to use on top of --model "
+                   "(without merging); alone, it loads the base it records")
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..api import load
 
-    if args.model is None:
-        raise SystemExit("error: --model is required (a checkpoint folder)")
+    adapter = getattr(args, "adapter", None)  # no --model: the adapter's recorded base, else the demo model
     return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle)
+                qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle, adapter=adapter,
+                quantize=getattr(args, "quant", None), quantize_extras=quant_extras(args))
+
+
+def quant_extras(args: argparse.Namespace) -> list[str]:
+    return [x.strip() for x in getattr(args, "quant_extras", "").split(",") if x.strip()]

@@ -25,6 +25,9 @@ def sampling_params(tokenizer: Any, *, english: bool = False, max_length: int = 
                     stop: Sequence[str] = (), banned: Sequence[tuple[int, int]] | None = None) -> SamplingParams:
     if banned is None:
         banned = english_banned_ranges(tokenizer) if english else ()
+    # The model's vocabulary is padded past the tokenizer's (130528 > 130344); such ids have no text and
+    # would make decoding fail, so they are never sampled.
+    banned = (*banned, (tokenizer.vocab_size, 1 << 31))
     return SamplingParams(max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, do_sample=do_sample,
                           banned=tuple(banned), seed=seed, stop=tuple(stop))

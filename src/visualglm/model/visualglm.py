@@ -63,15 +63,17 @@ class VisualGLM(nn.Module):
         if logits == "none":
             return hidden
         if logits == "last":
-            hidden = hidden[:, -1:]
+            # 2-D rows: a strided (B, 1, C) view makes F.linear take its bmm path, which copies the
+            # transposed 130k-row lm_head (1 GB at the 6B size) on every prefill
+            return self.glm.lm_head(hidden[:, -1]).unsqueeze(1)
         return self.glm.lm_head(hidden)
 
     # ----- helpers for callers ---------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         g = self.config.glm
         heads = self.glm.layers[0].attention.num_heads  # may be a shard of g.num_heads under TP
-        w = self.glm.word_embeddings.weight
-        return KVCache(g.num_layers, batch, heads, g.head_dim, capacity, w.dtype, w.device)
+        # the compute dtype (a quantized embedding table holds int8)
+        return KVCache(g.num_layers, batch, heads, g.head_dim, capacity, self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:
