@@ -34,7 +34,7 @@ def reset_peak() -> None:
 
 
 def make(args: argparse.Namespace) -> None:
-    from visualglm.checkpoint.io import write_checkpoint
+    from visualglm.checkpoint.write import write_checkpoint
     from visualglm.config import VisualGLMConfig
     from visualglm.model.visualglm import VisualGLM
 

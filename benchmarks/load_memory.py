@@ -98,8 +98,8 @@ def generate(kind: str, dtype_name: str, out: Path, vision_layers: int, glm_laye
              tokenizer: Path | None) -> None:
     import torch
 
-    from visualglm.checkpoint.io import write_checkpoint
     from visualglm.checkpoint.keymaps import foreign_name
+    from visualglm.checkpoint.write import write_checkpoint
 
     config = bench_config(vision_layers, glm_layers)
     dtype = getattr(torch, dtype_name)

@@ -24,15 +24,8 @@ from safetensors.torch import load_file, save_file
 import visualglm
 from visualglm.checkpoint import convert as convert_module
 from visualglm.checkpoint.convert import convert
-from visualglm.checkpoint.io import (
-    CheckpointError,
-    _private_file_mappings,
-    detect_qkv_layout,
-    inspect,
-    iter_canonical,
-    load_into,
-    open_weights,
-)
+from visualglm.checkpoint.files import CheckpointError, _private_file_mappings, open_weights
+from visualglm.checkpoint.io import detect_qkv_layout, inspect, iter_canonical, load_into
 from visualglm.checkpoint.keymaps import canonical_name, foreign_name
 from visualglm.cli import main as cli_main
 from visualglm.model.visualglm import VisualGLM

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from visualglm.checkpoint.io import write_checkpoint
+from visualglm.checkpoint.write import write_checkpoint
 from visualglm.config import VisualGLMConfig
 from visualglm.finetune.config import from_dict
 from visualglm.finetune.recipe import FinetuneRecipe

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import visualglm
-from visualglm.checkpoint.io import write_checkpoint
+from visualglm.checkpoint.write import write_checkpoint
 from visualglm.cli import main as cli_main
 from visualglm.config import VisualGLMConfig
 from visualglm.finetune.config import from_dict

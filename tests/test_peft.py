@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 import visualglm
-from visualglm.checkpoint.io import write_checkpoint
+from visualglm.checkpoint.write import write_checkpoint
 from visualglm.cli import main as cli_main
 from visualglm.config import VisualGLMConfig
 from visualglm.model.init import random_model

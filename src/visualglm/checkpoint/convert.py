@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .io import DEFAULT_SHARD_BYTES, inspect, iter_canonical, write_checkpoint
+from .io import DEFAULT_SHARD_BYTES, inspect, iter_canonical
+from .write import write_checkpoint
 
 
 def convert(src_dir: str | Path, dst_dir: str | Path, *, tokenizer: str | Path | None = None,

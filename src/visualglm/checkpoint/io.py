@@ -1,4 +1,4 @@
-"""Reading and writing checkpoints: sat folders, HF folders and our own layout all converge here.
+"""Reading checkpoints: sat folders, HF folders and our own layout all converge on one key space here.
 
 Loading never holds two copies of the weights: the model is built on the ``meta`` device and filled file by
 file. Each file is memory-mapped (safetensors, and pickles through ``torch.load(mmap=True)``); every tensor
@@ -11,29 +11,19 @@ runs. A ``transform`` hook (quantization, tensor parallelism) sees every tensor 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import mmap
-import os
-import pickle
-import shutil
 import statistics
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..config import VisualGLMConfig
-from .keymaps import GLM_QKV, canonical_name, foreign_name, interleaved_view, qkv_separation
+from .files import CheckpointError, WeightFile, open_weights
+from .keymaps import GLM_QKV, canonical_name, foreign_name, qkv_separation
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +32,10 @@ INDEX_NAME = "model.safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
-_CHUNK_BYTES = 64 * 1024**2  # copy granularity: the most of a source tensor resident at once
 _MIN_F, _MIN_F_RATIO = 20.0, 4.0  # QKV layout detection: how clear a separation must be to count
 
 # name, tensor -> {name: tensor}: lets quantization replace one weight by (int weight, scales).
 Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used as it is; the message names the file and key."""
 
 
 @dataclass
@@ -188,201 +173,6 @@ def _read_index(index: Path) -> dict[str, Path]:
         raise CheckpointError(f"{index} names shard file(s) that do not exist: {missing} "
                               f"(e.g. {missing[0]} should hold {keys})")
     return {k: index.parent / f for k, f in weight_map.items()}
-
-
-# ----- reading tensors ---------------------------------------------------------------------------------
-class WeightFile:
-    """One open weight file.
-
-    ``view(name)`` is zero-copy and usually memory-mapped: read it, never keep it. ``take(name)`` returns
-    an owned tensor (cast, placed, GLM QKV rows reordered) and hands the source pages back to the kernel
-    slice by slice, so the file itself never stays resident.
-    """
-
-    def __init__(self, path: Path, names: list[str], get: Callable[[str], torch.Tensor],
-                 mapped: bool) -> None:
-        self.path = path
-        self.names = names
-        self._get = get
-        self._ranges = _private_file_mappings(path) if mapped else []
-
-    def view(self, name: str) -> torch.Tensor:
-        return self._get(name)
-
-    def take(self, name: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             qkv_heads: int | None = None) -> torch.Tensor:
-        """An owned copy of ``name`` in ``dtype`` (default: as stored) on ``device``. ``qkv_heads``:
-        the stored rows are contiguous [Q | K | V]; reorder them per head (our layout) while copying."""
-        src = self._get(name)
-        out = torch.empty(src.shape, dtype=dtype or src.dtype, device=device)
-        if qkv_heads:
-            if src.dim() == 0 or src.shape[0] % (3 * qkv_heads):
-                raise CheckpointError(f"{name!r} in {self.path} has shape {list(src.shape)}: a "
-                                      f"query_key_value tensor needs 3 x {qkv_heads} heads x d rows")
-            per_head = out.view(qkv_heads, 3, -1, *src.shape[1:])  # (H, 3, d, ...)
-            per_head.copy_(interleaved_view(src, qkv_heads))
-            self.release(src)
-        elif src.dim() and src.is_contiguous():
-            rows = max(1, _CHUNK_BYTES // max(1, src[0].numel() * src.element_size()))
-            for start in range(0, src.shape[0], rows):
-                out[start:start + rows].copy_(src[start:start + rows])
-                self.release(src[start:start + rows])
-        else:
-            out.copy_(src)
-            self.release(src)
-        return out
-
-    def equal(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """torch.equal for two views of this file, slice by slice, releasing pages as it goes."""
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.dim() == 0:
-            return torch.equal(a, b)
-        rows = max(1, _CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
-        for start in range(0, a.shape[0], rows):
-            same = torch.equal(a[start:start + rows], b[start:start + rows])
-            self.release(a[start:start + rows])
-            self.release(b[start:start + rows])
-            if not same:
-                return False
-        return True
-
-    def release(self, t: torch.Tensor) -> None:
-        """Drop the resident pages of a view we are done with. Only whole pages inside ``t`` and inside a
-        private (copy-on-write, never written) mapping of this file are dropped: their contents stay in
-        the file and come back on the next access. A no-op for tensors in ordinary memory."""
-        if not self._ranges or _MADVISE is None or t.numel() == 0:
-            return
-        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
-        start = t.data_ptr()
-        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (start + extent * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo and any(a <= lo and hi <= b for a, b in self._ranges):
-            _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
-
-
-def _load_madvise() -> Callable[..., int] | None:
-    linux = sys.platform.startswith("linux") and sys.byteorder == "little"
-    if not linux or not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _load_madvise()
-
-
-def _private_file_mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where this process maps ``path`` privately (Linux /proc/self/maps)."""
-    if _MADVISE is None:
-        return []
-    real = os.path.realpath(path)
-    ranges = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                parts = line.rstrip("\n").split(maxsplit=5)
-                if len(parts) == 6 and parts[5] == real and parts[1].endswith("p"):
-                    lo, hi = parts[0].split("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return []
-    return ranges
-
-
-@contextmanager
-def open_weights(file: Path, *, trust_pickle: bool = False) -> Iterator[WeightFile]:
-    """Open one safetensors file or torch pickle (sat: weights under ``module``) for reading."""
-    if file.suffix == ".safetensors":
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error type for every malformed header
-            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
-        with handle as f:
-            yield WeightFile(file, list(f.keys()), f.get_tensor, mapped=True)
-        return
-    sd, mapped = _load_pickle(file, trust_pickle)
-    tensors = _tensors_of(sd, file)
-    del sd
-    try:
-        yield WeightFile(file, list(tensors), tensors.__getitem__, mapped=mapped and _little_endian(file))
-    finally:
-        tensors.clear()
-
-
-def _tensors_of(sd: Any, file: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{file} holds a {type(sd).__name__}, expected a dict of weights")
-    if isinstance(sd.get("module"), dict):  # sat: weights under "module", maybe beside "args" etc.
-        sd = sd["module"]
-    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{file} holds no tensors (top-level keys: {sorted(map(str, sd))[:8]}); "
-                              "expected a state dict, or sat's {'module': state dict}")
-    return tensors
-
-
-def _little_endian(file: Path) -> bool:
-    """torch writes a ``byteorder`` record; a big-endian file is byte-swapped in its (private) mapping, so
-    its pages must never be dropped."""
-    try:
-        with zipfile.ZipFile(file) as z:
-            records = [n for n in z.namelist() if n.endswith("/byteorder")]
-            return not records or z.read(records[0]).decode().strip() == "little"
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def _load_pickle(file: Path, trust_pickle: bool) -> tuple[Any, bool]:
-    """(loaded object, memory-mapped?). Legacy (pre-zip) pickles cannot be mapped and load whole."""
-    try:
-        return _torch_load(file, trust_pickle, mmap=True), True
-    except _NotMappable:
-        return _torch_load(file, trust_pickle, mmap=False), False
-
-
-class _NotMappable(Exception):
-    pass
-
-
-def _torch_load(file: Path, trust_pickle: bool, *, mmap: bool) -> Any:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower() or "Unsupported operand" in str(e):
-            reason = _unpickler_reason(e) if "WeightsUnpickler" in str(e) else _first_line(e)
-            raise CheckpointError(f"{file} is not a readable PyTorch checkpoint ({reason})") from e
-        raise CheckpointError(
-            f"{file} contains pickled Python objects besides tensors ({_unpickler_reason(e)}), which are "
-            "not loaded by default because unpickling them can run arbitrary code. If you trust this file, "
-            "pass trust_pickle=True (command line: --trust-pickle), or convert it once with "
-            "`visualglm convert --trust-pickle SRC DST` and use the safetensors copy."
-        ) from e
-    except RuntimeError as e:
-        if mmap and "mmap can only be used" in str(e):
-            raise _NotMappable from e
-        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint: {_first_line(e)}") from e
-    except (OSError, EOFError, KeyError, ValueError, AttributeError, ImportError) as e:
-        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint: {type(e).__name__}: "
-                              f"{_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _unpickler_reason(e: BaseException) -> str:
-    """'Unsupported global: GLOBAL argparse.Namespace' out of torch's long weights-only message."""
-    rest = str(e).partition("WeightsUnpickler error:")[2].strip()
-    if not rest:
-        return _first_line(e)
-    return rest.splitlines()[0].split(" was not an allowed global")[0].strip().rstrip(".")
 
 
 # ----- canonical tensors -----------------------------------------------------------------------------
@@ -586,115 +376,3 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor  # buffers (e.g. quantized weights and scales)
 
 
-# ----- writing our layout -------------------------------------------------------------------------------
-def write_checkpoint(out_dir: str | Path, config: VisualGLMConfig,
-                     tensors: Iterable[tuple[str, torch.Tensor]], *, tokenizer_dir: str | Path | None = None,
-                     shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None,
-                     overwrite: bool = False) -> Path:
-    """Write config.json, safetensors shards + index and tokenizer files, atomically (temp dir + rename).
-
-    ``tensors`` is consumed lazily, so a conversion holds at most one shard in memory. A tied lm_head is
-    left out (the word embedding is the output matrix). ``dtype`` casts floating tensors.
-    """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new folder or pass overwrite=True "
-                              "(--overwrite)")
-    if shard_bytes <= 0:
-        raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tied = config.glm.tie_word_embeddings
-        kept = ((n, t) for n, t in tensors if not (tied and n == "glm.lm_head.weight"))
-        shards, dtypes = _write_shards(tmp, kept, shard_bytes, dtype)
-        _finish_layout(tmp, shards)
-        record = config.to_dict()
-        if len(dtypes) == 1:
-            record["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir).expanduser(), tmp)
-        _apply_umask(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _copy_tokenizer(tokenizer_dir: Path, dst: Path) -> None:
-    if not (tokenizer_dir / TOKENIZER_FILES[0]).is_file():
-        raise CheckpointError(f"tokenizer folder {tokenizer_dir} has no {TOKENIZER_FILES[0]}")
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, dst / name)
-
-
-def _write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int,
-                  dtype: torch.dtype | None) -> tuple[list[tuple[str, list[str], int]], set[torch.dtype]]:
-    """Fill shards up to ``shard_bytes`` (a larger tensor gets one of its own); (temp name, keys, bytes)."""
-    shards: list[tuple[str, list[str], int]] = []
-    floating: set[torch.dtype] = set()
-    written: set[str] = set()
-    current: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            name = f"shard-{len(shards):05d}.tmp"
-            save_file(current, str(folder / name), metadata={"format": "pt"})
-            shards.append((name, list(current), size))
-            current, size = {}, 0
-
-    for name, t in tensors:
-        if name in written:
-            raise CheckpointError(f"key {name!r} is given twice to write_checkpoint")
-        written.add(name)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        if t.is_floating_point():
-            floating.add(t.dtype)
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_bytes:
-            flush()
-        current[name] = t.clone() if t.untyped_storage().nbytes() != nbytes else t  # no shared storage
-        size += nbytes
-    flush()
-    return shards, floating
-
-
-def _finish_layout(folder: Path, shards: list[tuple[str, list[str], int]]) -> None:
-    """Name the shards model-0000i-of-0000n.safetensors and write the index (HF's layout)."""
-    total = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, (tmp_name, keys, _) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        os.replace(folder / tmp_name, folder / final)
-        weight_map.update(dict.fromkeys(keys, final))
-    index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-
-
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the result the permissions a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if not out.exists() and not out.is_symlink():
-        os.replace(tmp, out)
-        return
-    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup.is_dir() and not backup.is_symlink():
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        backup.unlink(missing_ok=True)

@@ -479,7 +479,7 @@ class FinetuneRecipe:
 
     def _write_full(self, tensors: dict[str, torch.Tensor]) -> None:
         from ..api import parse_dtype
-        from ..checkpoint.io import write_checkpoint
+        from ..checkpoint.write import write_checkpoint
 
         config = self.model.config
         if config.glm.tie_word_embeddings:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.io import DEFAULT_SHARD_BYTES, inspect, iter_canonical, write_checkpoint
+from ..checkpoint.io import DEFAULT_SHARD_BYTES, inspect, iter_canonical
+from ..checkpoint.write import write_checkpoint
 from .adapters import AdapterError, read_adapter_config, read_adapter_tensors
 from .lora import merge_weight
 
