@@ -115,6 +115,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
             raise AdapterError(f"{adapter} records no base model: pass the base checkpoint folder as well")
     if path is None:
         path = DEMO_MODEL  # the small demo model shipped inside the package (see docs/visualglm-demo.md)
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise FileNotFoundError(f"no model given and the demo model is not in this installation ({DEMO_MODEL}); "
+                                    "pass a checkpoint folder (--model DIR), or build the demo with "
+                                    "`python -m visualglm.demo.train`")
     src = inspect(path, trust_pickle=trust_pickle)
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else src.tokenizer_dir
     if tok_dir is None:

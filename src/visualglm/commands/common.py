@@ -29,11 +29,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..api import load
+    from ..checkpoint.files import CheckpointError
 
     adapter = getattr(args, "adapter", None)  # no --model: the adapter's recorded base, else the demo model
-    return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle, adapter=adapter,
-                quantize=getattr(args, "quant", None), quantize_extras=quant_extras(args))
+    try:
+        return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                    qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle, adapter=adapter,
+                    quantize=getattr(args, "quant", None), quantize_extras=quant_extras(args))
+    except (FileNotFoundError, CheckpointError) as e:  # a user's path problem: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 def quant_extras(args: argparse.Namespace) -> list[str]:
