@@ -37,6 +37,17 @@ def test_bench_quantized_random_model(capsys):
     assert "image_encode_s" not in r and set(r["decode"]) == {"1", "2"}
 
 
+def test_bench_checkpoint_and_small_vocabulary(capsys, reference_dir):
+    """A checkpoint's prompts use its tokenizer's special ids; a named config with its own small vocabulary
+    (the demo's) gets ids inside it."""
+    args = ["bench", "--max-new-tokens", "2", "--json", "--batch-sizes", "1", "--no-image"]
+    assert main([*args, "--model", str(reference_dir / "tiny-visualglm-hf"), "--quant", "8"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["weights"] == "checkpoint" and r["quant"]["bits"] == 8 and r["decode"]["1"]["decode_steps"] == 1
+    assert main([*args, "--model", "visualglm-demo"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode"]["1"]["tokens_per_s"] > 0
+
+
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", "tiny", "--max-new-tokens", "1"])

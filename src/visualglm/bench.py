@@ -29,9 +29,36 @@ from .model.visualglm import VisualGLM
 from .quant.handlers import module_bits, prepare_for_inference, replace_module, resolve_quant
 from .quant.modules import QuantizedEmbedding, QuantizedLinear
 
-# ChatGLM-6B special ids (every VisualGLM vocabulary): prompts are synthetic, no tokenizer needed.
-MASK, GMASK, BOS, EOS, PAD = 130000, 130001, 130004, 130005, 3
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids a synthetic prompt needs; ordinary ids are drawn from [0, ``vocab``) minus these."""
+
+    mask: int
+    gmask: int
+    bos: int
+    eos: int
+    pad: int
+    vocab: int
+
+    @classmethod
+    def for_model(cls, model: VisualGLM, tokenizer: Any = None) -> SpecialIds:
+        """The tokenizer's ids; else ChatGLM-6B's (the 130528-id vocabulary); else the top ids of a small one."""
+        v = model.config.glm.vocab_size
+        if tokenizer is not None:
+            t = tokenizer
+            return cls(t.mask_token_id, t.gmask_token_id, t.bos_token_id, t.eos_token_id, t.pad_token_id,
+                       min(v, t.vocab_size))
+        if v >= 130528:
+            return cls(130000, 130001, 130004, 130005, 3, 130000)
+        return cls(v - 4, v - 3, v - 2, v - 1, v - 5, v - 5)
+
+    def ordinary(self, n: int, g: torch.Generator) -> list[int]:
+        specials = {self.mask, self.gmask, self.bos, self.eos, self.pad}
+        ids = torch.randint(0, self.vocab, (4 * n + 16,), generator=g).tolist()
+        return [i for i in ids if i not in specials][:n]
 
 
 @dataclass
@@ -106,18 +133,24 @@ def current_rss_gb() -> float:
 @torch.no_grad()
 def random_model_streamed(config: VisualGLMConfig, *, dtype: torch.dtype, device: torch.device,
                           seed: int = 0) -> VisualGLM:
-    """Random weights allocated one module at a time (embeddings first: the largest float temporary), each
-    quantized as ``config.quant`` says before the next one exists. Same distributions as ``random_model``."""
+    """Random weights allocated one module at a time, each quantized as ``config.quant`` says before the next
+    one exists. Same distributions as ``random_model``."""
     from .model.init import init_parameter, residual_scale
 
     with torch.device("meta"):
         model = VisualGLM(config)
     g = torch.Generator().manual_seed(seed)
     tied = config.glm.tie_word_embeddings
-    modules = sorted(model.named_modules(), key=lambda kv: kv[0] != "glm.word_embeddings")
-    for name, mod in modules:
+    # Names only (holding the modules would keep every float weight alive). Order: the two 130k-row tables
+    # while little else exists (their float32 init temporaries are the largest), then the GLM, then the
+    # vision side, whose small modules keep the transient at the end (when the total peaks) small.
+    first = ("glm.word_embeddings", "glm.lm_head")
+    names = sorted((n for n, _ in model.named_modules()),
+                   key=lambda n: 0 if n in first else 1 if n.startswith("glm") else 2)
+    for name in names:
         if tied and name == "glm.lm_head":
             continue  # the embedding's matrix
+        mod = model.get_submodule(name)
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{name}.{pname}" if name else pname
             t = torch.empty(p.shape, dtype=dtype, device=device)
@@ -129,14 +162,15 @@ def random_model_streamed(config: VisualGLMConfig, *, dtype: torch.dtype, device
         if bits:
             swap = QuantizedEmbedding.from_embedding if kind == "embedding" else QuantizedLinear.from_linear
             replace_module(model, name, swap(mod, bits))
+        del mod
     if tied and not isinstance(model.glm.word_embeddings, QuantizedEmbedding):
         model.glm.lm_head.weight = model.glm.word_embeddings.weight
     model.glm.rotary.inv_freq = model.glm.rotary.inv_freq_init(device)
     return prepare_for_inference(model).eval()
 
 
-def build(opts: BenchOptions) -> tuple[VisualGLM, str]:
-    """(model, description) for ``opts.model``."""
+def build(opts: BenchOptions) -> tuple[VisualGLM, str, Any]:
+    """(model, "random" or "checkpoint", tokenizer or None) for ``opts.model``."""
     from .api import default_device, default_dtype, load, parse_dtype
 
     device = torch.device(opts.device) if opts.device else default_device()
@@ -151,43 +185,39 @@ def build(opts: BenchOptions) -> tuple[VisualGLM, str]:
         with torch.device("meta"):
             n = sum(p.numel() for p in VisualGLM(config).parameters())
         dtype = parse_dtype(opts.dtype) or default_dtype(device, n)
-        return random_model_streamed(config, dtype=dtype, device=device, seed=opts.seed), "random"
+        return random_model_streamed(config, dtype=dtype, device=device, seed=opts.seed), "random", None
     if opts.layers is not None:
         raise ValueError("--layers applies to named configs (random weights), not to checkpoints")
-    model, _ = load(opts.model, device=device, dtype=opts.dtype, tokenizer=opts.tokenizer, quantize=opts.quant,
-                    quantize_extras=opts.quant_extras)
-    return model, "checkpoint"
+    model, tok = load(opts.model, device=device, dtype=opts.dtype, tokenizer=opts.tokenizer, quantize=opts.quant,
+                      quantize_extras=opts.quant_extras)
+    return model, "checkpoint", tok
 
 
 # ----- prompts and decoding -----------------------------------------------------------------------------
-def synthetic_prompt(length: int, g: torch.Generator, image_length: int, with_image: bool) -> tuple[list[int], int]:
+def synthetic_prompt(length: int, g: torch.Generator, ids: SpecialIds, image_length: int, with_image: bool
+                     ) -> tuple[list[int], int]:
     """(ids, pre_image): random ordinary ids, 32 placeholders after 3 ids when there is an image, then
     ``[gMASK] <sop>``, as ``build_prompt`` lays a prompt out."""
     body = length - 2
     if body < (3 + image_length if with_image else 1):
         raise ValueError(f"prompt length {length} is too short (image prompts need {image_length + 5})")
-    ids = torch.randint(5, 20000, (body,), generator=g).tolist()
+    prompt = ids.ordinary(body, g)
     if with_image:
-        ids[3: 3 + image_length] = [PAD] * image_length
-    return ids + [GMASK, BOS], 3 if with_image else 0
+        prompt[3: 3 + image_length] = [ids.pad] * image_length
+    return prompt + [ids.gmask, ids.bos], 3 if with_image else 0
 
 
-def _params(prompt_len: int, new: int) -> SamplingParams:
+def _params(prompt_len: int, new: int, ids: SpecialIds) -> SamplingParams:
     # greedy, no penalty; <eop> banned so every run decodes exactly ``new`` tokens
     return SamplingParams(max_length=prompt_len + new, max_new_tokens=new, do_sample=False,
-                          repetition_penalty=1.0, banned=((EOS, EOS + 1),))
+                          repetition_penalty=1.0, banned=((ids.eos, ids.eos + 1),))
 
 
-def _engine(model: VisualGLM, batch: int, opts: BenchOptions) -> Engine:
-    kwargs = {"compile": True} if opts.compile else {}
-    return Engine(model, eos_token_id=EOS, bos_token_id=BOS, mask_token_ids=(MASK, GMASK), max_batch_size=batch,
-                  **kwargs)
-
-
-def run_decode(model: VisualGLM, requests: list[Request], opts: BenchOptions) -> dict[str, Any]:
+def run_decode(model: VisualGLM, requests: list[Request], ids: SpecialIds, opts: BenchOptions) -> dict[str, Any]:
     """Prefill ``requests`` together, then decode until done; times every step."""
     device = model.device
-    engine = _engine(model, len(requests), opts)
+    engine = Engine(model, eos_token_id=ids.eos, bos_token_id=ids.bos, mask_token_ids=(ids.mask, ids.gmask),
+                    max_batch_size=len(requests), compile=opts.compile)
     longest = max(len(r.input_ids) + (r.params.max_new_tokens or 0) for r in requests)
     engine.cache = model.new_cache(len(requests), longest)  # exactly what the run needs (no 256-chunk slack)
     _sync(device)
@@ -228,7 +258,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     bw_before = measure_bandwidth(device, opts.bandwidth_bytes)
     t = time.perf_counter()
-    model, kind = build(opts)
+    model, kind, tokenizer = build(opts)
+    special = SpecialIds.for_model(model, tokenizer)
     load_s = time.perf_counter() - t
     gc.collect()
     result: dict[str, Any] = _describe(model, opts, kind, device)
@@ -253,13 +284,13 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         requests = []
         for _ in range(b):
             if b == 1:
-                ids, pre = synthetic_prompt(opts.prompt_len, g, model.config.image_length, with_image)
-                requests.append(Request(ids, _params(len(ids), opts.max_new_tokens), pre_image=pre,
+                ids, pre = synthetic_prompt(opts.prompt_len, g, special, model.config.image_length, with_image)
+                requests.append(Request(ids, _params(len(ids), opts.max_new_tokens, special), pre_image=pre,
                                         image_embeds=embeds))
             else:
-                ids, _ = synthetic_prompt(opts.batch_prompt_len, g, model.config.image_length, False)
-                requests.append(Request(ids, _params(len(ids), opts.max_new_tokens)))
-        decode[str(b)] = run_decode(model, requests, opts)
+                ids, _ = synthetic_prompt(opts.batch_prompt_len, g, special, model.config.image_length, False)
+                requests.append(Request(ids, _params(len(ids), opts.max_new_tokens, special)))
+        decode[str(b)] = run_decode(model, requests, special, opts)
         gc.collect()
         if b == 1:
             result["peak_rss_gb"] = peak_rss_gb()

@@ -123,14 +123,16 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None = None) -> nn.Mod
     if quant is not None:
         model.config.quant = quant
     cfg = model.config
-    for name, mod in list(model.named_modules()):
+    for name in [n for n, _ in model.named_modules()]:  # names: the float modules are freed one by one
         if name == LM_HEAD and cfg.glm.tie_word_embeddings:
             continue  # shares the embedding's quantized tensors (prepare_for_inference)
+        mod = model.get_submodule(name)
         bits = _bits_of(name, mod, cfg)
         if bits and isinstance(mod, nn.Embedding):
             replace_module(model, name, QuantizedEmbedding.from_embedding(mod, bits))
         elif bits:
             replace_module(model, name, QuantizedLinear.from_linear(mod, bits))
+        del mod
     return prepare_for_inference(model)
 
 
