@@ -210,3 +210,20 @@ def test_concurrent_chats_from_threads_do_not_interfere(reference_model, referen
     for t in threads:
         t.join()
     assert results == expected
+
+
+def test_compiled_decode_gives_the_eager_answers(reference_model, reference_dir):
+    """``load(compile=True)`` (``--compile``): every engine of the model runs its decode step through
+    torch.compile, with the same greedy answers, one request or a batch of mixed lengths."""
+    import visualglm
+
+    model, tok = reference_model
+    compiled, _ = visualglm.load(reference_dir / "tiny-visualglm-hf", device="cpu", dtype="float32", compile=True)
+    engine = make_engine(compiled, tok)
+    assert engine._decode is not compiled and hasattr(engine._decode, "_orig_mod")  # torch.compile's wrapper
+    assert not hasattr(make_engine(model, tok)._decode, "_orig_mod")
+    image = reference_dir / "chelsea.png"
+    items = [(image, "描述这张图片。"), (None, "Hello, who are you?")]
+    want = [model.chat(tok, *item, max_length=80, **GREEDY)[0] for item in items]
+    assert compiled.chat(tok, *items[0], max_length=80, **GREEDY)[0] == want[0]
+    assert [r for r, _ in compiled.batch_chat(tok, items, max_length=80, **GREEDY)] == want

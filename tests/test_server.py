@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -344,24 +345,26 @@ def test_remote_image_when_allowed(reference_model, reference_dir, data_url):
         files.shutdown()
 
 
-# ----- the shipped demo model (only where its assets exist) -----------------------------------------------
-def test_default_model_smoke():
-    import inspect
+# ----- the shipped demo model ----------------------------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"  # purple circle, orange square, green triangle
 
+
+def test_default_model_answers_about_the_example_image():
+    """No path: the demo model shipped in the package, served over both APIs, sees the README's image."""
     import visualglm
-    from visualglm.checkpoint.io import CheckpointError
 
-    if inspect.signature(visualglm.load).parameters["path"].default is inspect.Parameter.empty:
-        pytest.skip("visualglm.load() has no default (demo) model in this build")
-    try:
-        model, tok = visualglm.load(device="cpu")
-    except (FileNotFoundError, CheckpointError) as e:
-        pytest.skip(f"demo model assets are not present: {e}")
+    model, tok = visualglm.load(device="cpu")
+    assert model.config.name == "visualglm-demo"
+    image = base64.b64encode(EXAMPLE.read_bytes()).decode()
     app = create_app(model, tok, ServerSettings(max_batch_size=2))
     with BackgroundServer(app) as srv:
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=300,
-                       json={"messages": [user("What is in the image?")], "max_tokens": 16, "temperature": 0})
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="visualglm-demo", temperature=0, messages=[
+            user("What color is the circle?", "data:image/png;base64," + image)])
+        assert "purple" in r.choices[0].message.content
+        r = httpx.post(srv.url + "/", timeout=120, json={"image": image, "text": "三角形是什么颜色的？", "history": [],
+                                                          "temperature": 0})
+        assert r.status_code == 200 and "绿" in r.json()["response"], r.json()
 
 
 # ----- the command ------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def build_model(src: CheckpointSource, *, device: torch.device, dtype: torch.dty
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None, *, qkv_layout: str = "auto", trust_pickle: bool = False,
          tp: bool | None = None, quantize: int | QuantConfig | None = None,
-         quantize_extras: Sequence[str] = (), adapter: str | Path | None = None
+         quantize_extras: Sequence[str] = (), adapter: str | Path | None = None, compile: bool = False
          ) -> tuple[VisualGLM, ChatGLMTokenizer]:
     """Load a VisualGLM checkpoint folder (ours, sat or HF) and its tokenizer; no ``path`` (and no adapter)
     loads the small demo model shipped in the package (``visualglm-demo``).
@@ -107,6 +107,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     checkpoint saved quantized (``visualglm convert --quantize``) loads as stored without these.
     ``adapter``: a LoRA or P-tuning adapter folder (``visualglm finetune`` output, or PEFT's) used on top of
     the base without merging; ``path`` may then be None to use the base the adapter recorded.
+    ``compile``: generation runs the decode step through ``torch.compile`` (the first steps of each batch size
+    pay for compiling; needs a C++ compiler on CPU, Triton on CUDA).
     """
     if path is None and adapter is not None:
         from .peft.adapters import AdapterError, base_model_path
@@ -140,4 +142,5 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if adapter is not None:
         from .peft.adapters import attach_adapter
         attach_adapter(model, adapter)
+    model.compile_decode = compile  # read by every engine made for this model (generation.chat.make_engine)
     return model, tok

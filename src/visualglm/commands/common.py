@@ -23,6 +23,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "quantized loads as stored without it)")
     g.add_argument("--quant-extras", default="",
                    help="with --quant: comma list of lm_head,embeddings,vision to quantize as well (INT8)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slower start, faster tokens; CPU needs a C++ compiler)")
     g.add_argument("--adapter", default=None, help="LoRA / P-tuning adapter folder to use on top of --model "
                    "(without merging); alone, it loads the base it records")
 
@@ -35,7 +37,8 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                     qkv_layout=args.qkv_layout, trust_pickle=args.trust_pickle, adapter=adapter,
-                    quantize=getattr(args, "quant", None), quantize_extras=quant_extras(args))
+                    quantize=getattr(args, "quant", None), quantize_extras=quant_extras(args),
+                    compile=getattr(args, "compile", False))
     except (FileNotFoundError, CheckpointError) as e:  # a user's path problem: a message, not a traceback
         raise SystemExit(f"error: {e}") from None
 

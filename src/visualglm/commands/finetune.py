@@ -39,7 +39,8 @@ OVERRIDES.update({k: f"train.{k}" for k in (
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML settings file (configs/finetune/*.yaml)")
     g = parser.add_argument_group("model and method")
-    g.add_argument("--model", help="base checkpoint folder; with --init random: a config name (tiny, "
+    g.add_argument("--model", help="base checkpoint folder (default: the demo model shipped in the package); "
+                   "with --init random: a config name (tiny, "
                    "visualglm-6b), a config.json or a folder with one")
     g.add_argument("--init", choices=["checkpoint", "random"], help="random = train from scratch")
     g.add_argument("--tokenizer", help="tokenizer folder (when the model folder has none)")

@@ -74,19 +74,19 @@ def write_fewshot(out_dir: str | Path, seed: int, num_scenes: int = 20, *, repla
 def fewshot_records(seed: int, num_scenes: int = 20, *, replay: bool = True) -> tuple[list[Scene], list[dict]]:
     """Each scene asked the background question in both languages (background colours balanced).
 
-    With ``replay``, each scene also carries the colour question in both languages and one other known
-    question: with only background examples, LoRA learns to answer *every* "what color is ...?" with "The
-    background is ...", since nothing in the data tells the two colour questions apart.
+    With ``replay``, each scene is also asked every known question type in both languages (the same 20
+    images): with only background examples, LoRA learns that "... is" is followed by a colour and answers
+    "What color is the circle?" with the background, "Where is the blue triangle?" with "The blue triangle
+    is blue." (measured: up to 11 points lost on a known type when only colour questions were replayed).
     """
     rng = random.Random(f"visualglm-demo-fewshot:{seed}")
     scenes = [dataclasses.replace(s, background=BACKGROUNDS[i % len(BACKGROUNDS)])
               for i, s in enumerate(make_scenes(seed, num_scenes))]
-    others = [t for t in QUESTION_TYPES if t != "color"]
     records = []
     for i, scene in enumerate(scenes):
         asked = [(FEWSHOT_TYPE, "zh"), (FEWSHOT_TYPE, "en")]
         if replay:
-            asked += [("color", "zh"), ("color", "en"), (rng.choice(others), rng.choice(LANGS))]
+            asked += [(t, la) for t in QUESTION_TYPES for la in LANGS]
         for qtype, lang in asked:
             qa = ask(scene, qtype, lang, rng)
             records.append({"img": f"{IMAGE_DIR}/{i:06d}.png", "prompt": qa.question, "label": qa.answer,

@@ -163,13 +163,27 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), RGB[scene.background])
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
-        poly = shape_polygon(s)
-        if poly is None:
-            x, y, r = s.center[0], s.center[1], s.size
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=RGB[s.color])
-        else:
-            draw.polygon(poly, fill=RGB[s.color])
+        _draw_shape(draw, s, RGB[s.color])
     return img if size == IMAGE_SIZE else img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def shape_index_map(scene: Scene) -> Image.Image:
+    """A 224x224 "L" image: 0 on the background, i + 1 where ``scene.shapes[i]`` is drawn (exactly the pixels
+    ``render`` paints), the ground truth for pretraining the vision tower."""
+    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(img)
+    for i, s in enumerate(scene.shapes):
+        _draw_shape(draw, s, i + 1)
+    return img
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, fill: tuple[int, int, int] | int) -> None:
+    poly = shape_polygon(s)
+    if poly is None:
+        x, y, r = s.center[0], s.center[1], s.size
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
 
 
 # ----- questions and answers -----------------------------------------------------------------------
@@ -193,15 +207,19 @@ def _phrase(s: Shape, lang: Lang) -> str:
 
 
 def describe(scene: Scene, lang: Lang) -> str:
-    """Names every shape with its colour and position, in POSITIONS order."""
+    """Names the background colour, then every shape with its colour and position, in POSITIONS order.
+
+    Descriptions are the only place the background appears in the training data: the model learns to see
+    it, never to be asked about it (that question is what the few-shot demo teaches)."""
     n = len(scene.shapes)
     parts = [_phrase(s, lang) for s in scene.shapes]
     if lang == "en":
+        on = f"on a {scene.background} background"
         if n == 1:
-            return f"There is one shape: {parts[0]}."
+            return f"There is one shape {on}: {parts[0]}."
         listed = ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"There are {EN_NUMBER[n]} shapes: {listed}."
-    return f"图中有{ZH_NUMBER[n]}个图形：" + "，".join(parts) + "。"
+        return f"There are {EN_NUMBER[n]} shapes {on}: {listed}."
+    return f"图中有{ZH_NUMBER[n]}个图形，背景是{ZH[scene.background]}的：" + "，".join(parts) + "。"
 
 
 def answer(scene: Scene, qtype: str, lang: Lang, *, kind: str | None = None, color: str | None = None) -> str:

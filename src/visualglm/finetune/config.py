@@ -71,6 +71,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        if not self.model and self.init == "checkpoint":  # like every command: the shipped demo model
+            from ..api import DEMO_MODEL
+            self.model = str(DEMO_MODEL)
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.init in ("checkpoint", "random"), f"init must be checkpoint or random, got {self.init!r}"),

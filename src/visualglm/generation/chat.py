@@ -52,7 +52,8 @@ def make_engine(model: Any, tokenizer: Any, max_batch_size: int = 1,
             image_cache = model.__dict__.setdefault("_image_cache", ImageEmbeddingCache())
     return Engine(model, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                   mask_token_ids=(tokenizer.mask_token_id, tokenizer.gmask_token_id),
-                  max_batch_size=max_batch_size, image_cache=image_cache)
+                  max_batch_size=max_batch_size, image_cache=image_cache,
+                  compile=getattr(model, "compile_decode", False))
 
 
 @contextmanager

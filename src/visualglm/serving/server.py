@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from ..generation.chat import sampling_params
-from ..generation.engine import Engine, PromptTooLongError, Request
+from ..generation.chat import make_engine, sampling_params
+from ..generation.engine import PromptTooLongError, Request
 from ..image import DEFAULT_MAX_PIXELS, ImageError, image_to_tensor
 from ..prompt import build_prompt, has_cjk
 from . import protocol as p
@@ -80,9 +80,7 @@ class Service:
 
     def __init__(self, model: Any, tokenizer: Any, settings: ServerSettings) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.engine = Engine(model, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                             mask_token_ids=(tokenizer.mask_token_id, tokenizer.gmask_token_id),
-                             max_batch_size=settings.max_batch_size)
+        self.engine = make_engine(model, tokenizer, settings.max_batch_size)  # --compile travels on the model
         self.worker = EngineWorker(self.engine, tokenizer, SchedulerConfig(
             settings.max_batch_size, settings.max_prefill_tokens, settings.max_waiting))
         self.started = int(time.time())
