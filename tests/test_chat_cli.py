@@ -108,6 +108,9 @@ class Terminal:
     def __init__(self, argv: list[str]) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is its controlling terminal, so ^C sends SIGINT
+            # a user's shell starts it with SIGINT at its default; a test run launched in the background
+            # (`cmd &` without job control) would pass on SIG_IGN, which the chat rightly leaves alone
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, "-m", "visualglm", "chat", *argv])
         self.screen = ""
 

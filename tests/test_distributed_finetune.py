@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -48,11 +47,13 @@ def _run(cfg, resume=None, until=None) -> list[float]:
     return losses
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+def _worker(rank: int, world: int, root: str) -> None:
+    # torchrun's variables, as the code under test reads them; the group itself meets through a file in the
+    # test's folder, so no TCP port can be taken by something else between choosing and binding it
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT="29500")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
     root_p = Path(root)
     try:
         results = {
@@ -65,12 +66,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             (root_p / "results.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def root(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def results(root) -> dict:
-    mp.start_processes(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(root)), nprocs=2, join=True, start_method="spawn")
     return json.loads((root / "results.json").read_text())
 
 
