@@ -18,6 +18,21 @@ REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def decode_to_end(engine, request) -> tuple[list[int], torch.Tensor]:
+    """One request alone through ``engine`` until it finishes: the generated ids and the raw logits (one row
+    per step, prefill's last position first) each id was chosen from."""
+    seen: list[torch.Tensor] = []
+    engine.logits_observer = lambda _slots, logits: seen.append(logits.clone())
+    try:
+        ids = [engine.add([request])[0]]
+        while not engine.slots[0].done:
+            ids.append(engine.step()[0])
+    finally:
+        engine.logits_observer = None
+        engine.finish(0)
+    return ids, torch.cat(seen)
+
+
 def reference_dirs() -> list[Path]:
     """The shipped fixture folder plus any named in VISUALGLM_REFERENCE_DIRS (os.pathsep-separated)."""
     dirs = [REFERENCE_DIR]

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import visualglm
-from conftest import reference_dirs
+from conftest import decode_to_end, reference_dirs
 from visualglm.generation.chat import make_engine, make_request, sampling_params
 from visualglm.generation.engine import prompt_positions
 from visualglm.model.chatglm import prefix_lm_mask
@@ -136,19 +136,8 @@ def test_greedy_generation_and_response(folder, layout, name):
         request = make_request(model, tok, _image(folder, case), case["query"], history,
                                sampling_params(tok, english=case["english"], banned=banned, **kwargs),
                                case["english"])
-        engine = make_engine(model, tok)
-        seen: list[torch.Tensor] = []
-        engine.logits_observer = lambda _slots, logits, seen=seen: seen.append(logits.clone())
-        try:
-            first = engine.add([request])
-            ids = [first[0]]
-            while not engine.slots[0].done:
-                ids.append(engine.step()[0])
-        finally:
-            engine.logits_observer = None
-            engine.finish(0)
+        ids, steps = decode_to_end(make_engine(model, tok), request)
         assert ids == g["generated_ids"] == t[f"{prefix}.generated_ids"].tolist()
-        steps = torch.cat(seen)
         top5 = steps.topk(5, dim=-1)
         assert (top5.values - t[f"{prefix}.step_logits_top5_values"]).abs().max().item() <= ATOL
         assert torch.equal(top5.indices, t[f"{prefix}.step_logits_top5_ids"])

@@ -166,25 +166,19 @@ DEMO_QUESTIONS = (("Describe this image.", True), ("圆形是什么颜色的？"
 def _demo_decode(model, tok) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy decoding of the shipped demo model on three scenes: the ids and every step's logits (prefill's
     last position, then each decode step), through the engine that chat() uses."""
+    from conftest import decode_to_end  # tests/ is on the path of the spawned ranks too
     from visualglm.demo.scenes import make_scenes, render
     from visualglm.generation.chat import make_engine, make_request, sampling_params
 
     engine = make_engine(model, tok)
-    all_ids, seen = [], []
-    engine.logits_observer = lambda _slots, logits: seen.append(logits.clone())
-    try:
-        for scene, (query, english) in zip(make_scenes(777, 3), DEMO_QUESTIONS, strict=True):
-            request = make_request(model, tok, render(scene), query, [],
-                                   sampling_params(tok, english=english, do_sample=False, max_new_tokens=48),
-                                   english)
-            ids = [engine.add([request])[0]]
-            while not engine.slots[0].done:
-                ids.append(engine.step()[0])
-            engine.finish(0)
-            all_ids.append(ids)
-    finally:
-        engine.logits_observer = None
-    return all_ids, torch.cat(seen)
+    all_ids, all_logits = [], []
+    for scene, (query, english) in zip(make_scenes(777, 3), DEMO_QUESTIONS, strict=True):
+        request = make_request(model, tok, render(scene), query, [],
+                               sampling_params(tok, english=english, do_sample=False, max_new_tokens=48), english)
+        ids, logits = decode_to_end(engine, request)
+        all_ids.append(ids)
+        all_logits.append(logits)
+    return all_ids, torch.cat(all_logits)
 
 
 def _worker(rank: int, init_file: str, reference_dir: str, out_dir: str) -> None:
