@@ -227,3 +227,30 @@ def test_compiled_decode_gives_the_eager_answers(reference_model, reference_dir)
     want = [model.chat(tok, *item, max_length=80, **GREEDY)[0] for item in items]
     assert compiled.chat(tok, *items[0], max_length=80, **GREEDY)[0] == want[0]
     assert [r for r, _ in compiled.batch_chat(tok, items, max_length=80, **GREEDY)] == want
+
+
+def test_bucketed_key_length_gives_the_same_logits(reference_model, reference_dir):
+    """CUDA graphs decode with a key length rounded up to a bucket (the mask hides the unwritten positions):
+    the same step without capture must give the exact-length logits, one request and a batch of two."""
+    from conftest import decode_to_end
+    from visualglm.generation.chat import _run
+    from visualglm.generation.cuda_graphs import BUCKET, DecodeGraphs
+
+    model, tok = reference_model
+    assert DecodeGraphs.key_length(1, 1024) == BUCKET and DecodeGraphs.key_length(BUCKET + 1, 300) == 300
+    params = sampling_params(tok, max_length=60, do_sample=False)
+    request = make_request(model, tok, reference_dir / "chelsea.png", "描述这张图片。", None, params, False)
+    exact_ids, exact = decode_to_end(make_engine(model, tok), request)
+    bucketed = make_engine(model, tok)
+    bucketed._graphs = DecodeGraphs(model, capture=False)
+    ids, logits = decode_to_end(bucketed, request)
+    assert bucketed.cache.capacity == BUCKET  # the bucket reached past every written position
+    assert ids == exact_ids and (logits - exact).abs().max().item() < 1e-4
+    items = [(None, "Hello, who are you?"), (reference_dir / "chelsea.png", "这是什么动物？")]
+    want = [model.chat(tok, *item, max_length=70, do_sample=False)[0] for item in items]
+    engine = make_engine(model, tok, max_batch_size=2)
+    engine._graphs = DecodeGraphs(model, capture=False)
+    reqs = [make_request(model, tok, img, q, None, sampling_params(tok, max_length=70, do_sample=False), False)
+            for img, q in items]
+    *_, (answers, _) = _run(engine, tok, reqs, False)
+    assert answers == want

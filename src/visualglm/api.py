@@ -10,6 +10,7 @@ import torch
 from .checkpoint.io import CheckpointError, CheckpointSource, Transform, inspect, load_into
 from .config import QuantConfig
 from .distributed.tp import TensorParallel, tensor_parallel_setup
+from .generation.engine import check_compile
 from .model.visualglm import VisualGLM
 from .quant.handlers import convert_for_runtime, load_transform, prepare_for_inference, resolve_quant
 from .tokenizer import ChatGLMTokenizer
@@ -92,7 +93,7 @@ def build_model(src: CheckpointSource, *, device: torch.device, dtype: torch.dty
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, tokenizer: str | Path | None = None, *, qkv_layout: str = "auto", trust_pickle: bool = False,
          tp: bool | None = None, quantize: int | QuantConfig | None = None,
-         quantize_extras: Sequence[str] = (), adapter: str | Path | None = None, compile: bool = False
+         quantize_extras: Sequence[str] = (), adapter: str | Path | None = None, compile: bool | str = False
          ) -> tuple[VisualGLM, ChatGLMTokenizer]:
     """Load a VisualGLM checkpoint folder (ours, sat or HF) and its tokenizer; no ``path`` (and no adapter)
     loads the small demo model shipped in the package (``visualglm-demo``).
@@ -108,7 +109,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     ``adapter``: a LoRA or P-tuning adapter folder (``visualglm finetune`` output, or PEFT's) used on top of
     the base without merging; ``path`` may then be None to use the base the adapter recorded.
     ``compile``: generation runs the decode step through ``torch.compile`` (the first steps of each batch size
-    pay for compiling; needs a C++ compiler on CPU, Triton on CUDA).
+    pay for compiling; needs a C++ compiler on CPU, Triton on CUDA). On CUDA the step is also replayed as CUDA
+    graphs; ``compile="graphs"`` captures the eager step as CUDA graphs without compiling.
     """
     if path is None and adapter is not None:
         from .peft.adapters import AdapterError, base_model_path
@@ -130,6 +132,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     tok = ChatGLMTokenizer.from_dir(tok_dir)
     dev = torch.device(device) if device is not None else default_device()
     parallel, dev = tensor_parallel_setup(tp, dev)
+    check_compile(compile, dev)
     if parallel is not None and adapter is not None:
         raise ValueError("adapters are not split for tensor parallelism: merge a LoRA adapter into its base "
                          "first (`visualglm merge-lora`) and load the merged folder; P-tuning runs in one process")

@@ -78,7 +78,7 @@ class BenchOptions:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     image: bool = True
     tied: bool = True  # random weights: one matrix for embeddings and lm_head, as the released files load
-    compile: bool = False
+    compile: bool | str = False  # True: torch.compile (+ CUDA graphs on CUDA); "graphs": CUDA graphs only
     threads: int | None = None  # CPU threads (default: torch's, one per core)
     seed: int = 0
     bandwidth_bytes: int = 256 * 1024**2
@@ -139,7 +139,7 @@ def random_model_streamed(config: VisualGLMConfig, *, dtype: torch.dtype, device
 
     with torch.device("meta"):
         model = VisualGLM(config)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where the weights live
     tied = config.glm.tie_word_embeddings
     # Names only (holding the modules would keep every float weight alive). Order: the two 130k-row tables
     # while little else exists (their float32 init temporaries are the largest), then the GLM, then the

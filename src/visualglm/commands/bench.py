@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+from .common import add_compile_flag
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="visualglm-6b",
@@ -30,10 +32,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-image", action="store_true", help="text-only prompts, no image encoding")
     parser.add_argument("--untied", action="store_true",
                         help="random weights: a separate lm_head matrix (the released checkpoints load tied)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_compile_flag(parser)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def compiled(mode: bool | str) -> str:
+    return {False: "", True: ", compiled", "graphs": ", CUDA graphs"}[mode]
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -83,7 +89,7 @@ def format_report(r: dict[str, Any]) -> str:
     quant = "none" if r["quant"] is None else f"INT{r['quant']['bits']} {'+'.join(r['quant']['targets'])}"
     lines = [
         f"model {r['model']} ({r['weights']} weights), {r['glm_layers']} GLM layers, {r['dtype']}, quant {quant}, "
-        f"{r['device']} x{r['threads']} threads{', compiled' if r['compile'] else ''}",
+        f"{r['device']} x{r['threads']} threads{compiled(r['compile'])}",
         f"bandwidth       {r['bandwidth_gbs']:.1f} GB/s (copy; samples "
         f"{', '.join(f'{x:.1f}' for x in r['bandwidth_samples_gbs'])})",
         f"weights         {r['weights_gb']:.2f} GB; read per token {r['weight_bytes_per_token'] / 1e9:.3f} GB",

@@ -23,10 +23,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "quantized loads as stored without it)")
     g.add_argument("--quant-extras", default="",
                    help="with --quant: comma list of lm_head,embeddings,vision to quantize as well (INT8)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (slower start, faster tokens; CPU needs a C++ compiler)")
+    add_compile_flag(g)
     g.add_argument("--adapter", default=None, help="LoRA / P-tuning adapter folder to use on top of --model "
                    "(without merging); alone, it loads the base it records")
+
+
+def compile_mode(text: str) -> bool | str:
+    if text != "graphs":
+        raise argparse.ArgumentTypeError(f"--compile takes no value (torch.compile) or 'graphs' (CUDA graphs of the "
+                                         f"eager step), got {text!r}")
+    return text
+
+
+def add_compile_flag(parser: Any) -> None:
+    parser.add_argument("--compile", nargs="?", const=True, default=False, type=compile_mode, metavar="graphs",
+                        help="torch.compile the decode step, on CUDA replayed as CUDA graphs (slower start, faster "
+                             "tokens; CPU needs a C++ compiler); '--compile graphs': CUDA graphs without compiling")
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:

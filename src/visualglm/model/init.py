@@ -31,7 +31,8 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Modul
 @torch.no_grad()
 def init_parameter(name: str, p: torch.Tensor, g: torch.Generator, std: float = 0.02) -> None:
     """Fill one parameter by its (model-level) name, the rules of :func:`init_weights`; lets a caller
-    materialise and initialise a large model one tensor at a time (benchmarks)."""
+    materialise and initialise a large model one tensor at a time (benchmarks). Numbers are drawn on ``g``'s
+    device (a CUDA generator fills a GPU model without a trip through the CPU)."""
     if p.is_meta:
         raise ValueError(f"{name} is on the meta device; materialise the model first (to_empty)")
     if name.endswith("bias"):
@@ -40,9 +41,9 @@ def init_parameter(name: str, p: torch.Tensor, g: torch.Generator, std: float = 
         p.fill_(1.0)
     elif p.dim() >= 2 and "embeddings" not in name and "query_tokens" not in name and "pos_embed" not in name:
         fan_in = p[0].numel()
-        p.copy_(torch.randn(p.shape, generator=g).div_(math.sqrt(fan_in)))
+        p.copy_(torch.randn(p.shape, generator=g, device=g.device).div_(math.sqrt(fan_in)))
     else:
-        p.copy_(torch.randn(p.shape, generator=g).mul_(std))
+        p.copy_(torch.randn(p.shape, generator=g, device=g.device).mul_(std))
 
 
 def residual_scale(name: str, num_layers: int) -> float:

@@ -4,9 +4,10 @@
 in int8, ``W ~ q * scale``. The int8 matrix keeps the float weight's (out, in) layout, so a checkpoint holds
 ``<name>.weight`` (int8) and ``<name>.weight_scale`` (float16) and nothing else changes.
 
-Runtime: a few rows (decoding) go through torch's fused weight-only kernel ``aten._weight_int8pack_mm``
-(reads int8, never materialises a float matrix; CPU and CUDA); many rows (prefill, image encoding) and
-autograd cast the int8 matrix to the compute dtype (exact: |q| <= 127) and use the dense GEMM.
+Runtime: a few rows (decoding) go through a fused weight-only kernel that reads int8 and never materialises a
+float matrix: torch's ``aten._weight_int8pack_mm`` on CPU, the Triton kernel of
+:mod:`visualglm.quant.cuda_kernel` on CUDA; many rows (prefill, image encoding) and autograd cast the int8
+matrix to the compute dtype (exact: |q| <= 127) block by block and use the dense GEMM.
 """
 
 from __future__ import annotations

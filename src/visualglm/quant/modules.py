@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import int4, int8
+from . import cuda_kernel, int4, int8
 
 # INT8: up to this many rows (tokens x batch) the fused kernel beats casting the matrix to the compute
 # dtype for oneDNN's GEMM (measured on 2 AVX-512 cores, 16384x4096: equal around 16-32 rows). INT4 always
@@ -85,7 +85,7 @@ class QuantizedLinear(nn.Module):
             self._table = int4.cpu_scales_and_zeros(self.weight_scale, self.in_features, kernel.shape[0], group)
             self.weight, self.layout, self._group = kernel, "cpu_int4", group
         elif dev.type == "cuda" and group is not None and self.compute_dtype == torch.bfloat16:
-            self._prepare_cuda(group)
+            self._prepare_cuda(group)  # tinygemm (bf16 only); else the Triton kernel reads the storage layout
         return self
 
     def _prepare_cuda(self, group: int) -> None:
@@ -128,9 +128,13 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        y = self._matmul(x2)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias
+        grad = torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if self.layout == "storage" and not grad and cuda_kernel.available(x2):  # CUDA decoding: bias fused
+            y = cuda_kernel.weight_only_mm(x2, self.weight, self.weight_scale, self.bias, self.bits)
+        else:
+            y = self._matmul(x2)  # (M, N)
+            if self.bias is not None:
+                y = y + self.bias
         return y.view(*lead, self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +149,8 @@ class QuantizedLinear(nn.Module):
             return int4.int4_cuda_matmul(x.contiguous(), self.weight, self._group, self._table)
         if self.bits == 8:
             small = x.shape[0] <= INT8_FUSED_MAX_ROWS
-            fused = not grad and small and int8.fused_int8_available(x.device, x.dtype)
+            # torch's kernel on CUDA streams 100-230 GB/s on an H100: slower than casting blocks for cuBLAS
+            fused = not grad and small and x.device.type == "cpu" and int8.fused_int8_available(x.device, x.dtype)
             return int8.int8_matmul(x.contiguous() if fused else x, self.weight, self.weight_scale, fused=fused)
         n = self.out_features
         if self.layout == "cpu_int4":  # blocks are multiples of 64 rows: whole blocks of the kernel layout
