@@ -26,6 +26,9 @@ from visualglm.generation.engine import prompt_positions
 from visualglm.quant import QuantizedEmbedding, QuantizedLinear, quant_config, quantize_model
 from visualglm.quant.handlers import resolve_quant
 from visualglm.quant.int4 import (
+    _emulate_cpu_layout,
+    cpu_block_rows,
+    cpu_layout_rows,
     cpu_layout_to_int8,
     dequantize_int4,
     from_cpu_layout,
@@ -77,13 +80,27 @@ def test_int4_round_trip():
 
 
 def test_cpu_kernel_layout_is_inverted_exactly():
-    """Our reading of torch's CPU int4 layout (blocks of 64 rows); rows not a multiple of 64 are padded."""
+    """Our reading of torch's CPU int4 layout (blocks of 64 rows with AVX-512, 32 with AVX2, found by a probe);
+    rows not a multiple of the block are padded."""
+    block = cpu_block_rows()
+    assert block in (64, 32, 16)  # every x86-64 / arm64 torch wheel has a vectorised int4 packer
     g = torch.Generator().manual_seed(2)
     q = torch.randint(-8, 8, (200, 96), generator=g, dtype=torch.int8)
     kernel = to_cpu_layout(pack_int4(q))
-    assert kernel.shape == (256, 48)
+    assert kernel.shape == (-(-200 // block) * block, 48)
     assert torch.equal(cpu_layout_to_int8(kernel, 200), q)
     assert torch.equal(from_cpu_layout(kernel, 200), pack_int4(q))
+    for lo, hi in ((0, 200), (5, 77), (64, 128), (190, 200)):  # unaligned row ranges read whole blocks
+        assert torch.equal(cpu_layout_rows(kernel, lo, hi), q[lo:hi])
+
+
+def test_cpu_layout_emulation_tells_block_sizes_apart():
+    """The probe can only pick the right block size if the candidates' layouts differ on it."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    layouts = [_emulate_cpu_layout(q, b) for b in (64, 32, 16)]
+    assert not any(torch.equal(a, b) for i, a in enumerate(layouts) for b in layouts[i + 1:])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert sum(torch.equal(packed, x) for x in layouts) == 1
 
 
 # ----- the modules and kernels -----------------------------------------------------------------------------

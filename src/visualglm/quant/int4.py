@@ -7,9 +7,11 @@ Symmetric, one scale per output row: ``scale = max|W_row| / 7`` (float16), ``q =
 That is the storage (checkpoint) layout. At run time a Linear is repacked once for the device's kernel:
 
 * CPU: ``aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 int4 x bf16/fp16/fp32). Its layout groups rows in
-  blocks of 64 (rows are padded to a multiple of 64); inside a block, for every column k, byte j holds row
-  32+j in the high nibble and row j in the low one, values offset by +8 (unsigned). Its per-group scales
-  get the row scale replicated over every group (zero point 0): the arithmetic is exactly ``q * scale``.
+  blocks of B (rows are padded to a multiple of B); inside a block, for every column k, byte j holds row
+  B/2+j in the high nibble and row j in the low one, values offset by +8 (unsigned). B depends on the
+  kernel torch picked for this processor (64 with AVX-512, 32 with AVX2), so it is found once by packing a
+  probe (:func:`cpu_block_rows`). Its per-group scales get the row scale replicated over every group (zero
+  point 0): the arithmetic is exactly ``q * scale``.
 * CUDA, bf16: tinygemm (``aten._weight_int4pack_mm``, sm80+), fed with the storage bytes XOR 0x88 (the same
   nibbles offset by +8); on an H100 it streams 1.2-1.8 TB/s of INT4 at batch 1 (tests/test_cuda.py,
   benchmarks/cuda_kernels.py). If it fails (an older GPU), the layer keeps the storage layout.
@@ -24,9 +26,10 @@ import torch
 from .int8 import quantize_rows
 
 QMAX = 7
-CPU_BLOCK_N = 64  # rows per block of the CPU kernel's layout
+CPU_BLOCK_CANDIDATES = (64, 32, 16)  # rows per block of the CPU kernel's layout, by vector width
 CPU_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the kernels accept, largest first
 _PACK_CHUNK_ROWS = 64 * 64  # repack this many rows at a time (the CPU packer wants int32 input)
+_BLOCK_ROWS: list[int | None] = []  # cpu_block_rows' answer, once found
 
 
 # ----- the storage layout ----------------------------------------------------------------------------
@@ -67,10 +70,43 @@ def cpu_group_size(in_features: int) -> int | None:
     return next((g for g in CPU_GROUP_SIZES if in_features % g == 0), None)
 
 
+def cpu_block_rows() -> int | None:
+    """Rows per block of this processor's CPU int4 layout, or None when the packer is missing or lays rows out
+    in a way this module cannot read back (then INT4 layers keep the storage layout and the generic path).
+
+    Found by packing a random probe and comparing it with :func:`_emulate_cpu_layout` for each candidate:
+    the layout is torch's private choice, and a wrong guess would silently corrupt every INT4 weight read
+    back from it (saving, merging, the many-rows path)."""
+    if not _BLOCK_ROWS:
+        _BLOCK_ROWS.append(_probe_block_rows())
+    return _BLOCK_ROWS[0]
+
+
+def _probe_block_rows() -> int | None:
+    rows = 2 * max(CPU_BLOCK_CANDIDATES)
+    q = torch.randint(0, 16, (rows, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return next((b for b in CPU_BLOCK_CANDIDATES if torch.equal(packed, _emulate_cpu_layout(q, b))), None)
+
+
+def _emulate_cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:
+    """The layout described in the module docstring, for (N, K) values in [0, 16) with N % block == 0."""
+    n, k = q.shape
+    b = q.to(torch.uint8).view(n // block, 2, block // 2, k)  # (blocks, low/high half, B/2, K)
+    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+
+
 def to_cpu_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Storage layout (N, K/2) -> the CPU kernel's layout (ceil64(N), K/2) uint8, rows padded with zeros."""
+    """Storage layout (N, K/2) -> the CPU kernel's layout (N rounded up to whole blocks, K/2) uint8, padded
+    rows zero. Call only where :func:`cpu_block_rows` found the layout."""
+    block = cpu_block_rows()
+    if block is None:
+        raise RuntimeError("torch's CPU int4 kernel layout is not known on this machine")
     n, half = packed.shape
-    n_pad = -(-n // CPU_BLOCK_N) * CPU_BLOCK_N
+    n_pad = -(-n // block) * block
     out = torch.empty(n_pad, half, dtype=torch.uint8)
     for lo in range(0, n_pad, _PACK_CHUNK_ROWS):
         hi = min(lo + _PACK_CHUNK_ROWS, n_pad)
@@ -82,14 +118,25 @@ def to_cpu_layout(packed: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_layout_to_int8(kernel_weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """The CPU kernel's layout -> int8 (rows, K) values in [-8, 7] (used by the many-rows path)."""
+    """The CPU kernel's layout (whole blocks) -> int8 (rows, K) values in [-8, 7] (the many-rows path)."""
+    block = cpu_block_rows()
+    assert block is not None, "a CPU int4 layout exists only where its block size was found"
     n_pad, half = kernel_weight.shape
     k = 2 * half
-    b = kernel_weight.view(n_pad // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)  # (blocks, K, 32)
+    b = kernel_weight.view(n_pad // block, k, block // 2)  # (blocks, K, B/2)
     low_rows = (b & 0xF).to(torch.int8)  # rows j of each block
-    high_rows = (b >> 4).to(torch.int8)  # rows 32 + j
+    high_rows = (b >> 4).to(torch.int8)  # rows B/2 + j
     q = torch.cat((low_rows, high_rows), dim=-1).transpose(1, 2).reshape(n_pad, k)  # (N_pad, K), offset +8
     return q[:rows].sub_(8) if rows == n_pad else q[:rows] - 8
+
+
+def cpu_layout_rows(kernel_weight: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of the CPU kernel's layout as int8 values in [-8, 7], reading whole blocks only."""
+    block = cpu_block_rows()
+    assert block is not None
+    start = lo // block * block
+    end = min(-(-hi // block) * block, kernel_weight.shape[0])
+    return cpu_layout_to_int8(kernel_weight[start:end], hi - start)[lo - start:]
 
 
 def from_cpu_layout(kernel_weight: torch.Tensor, rows: int) -> torch.Tensor:

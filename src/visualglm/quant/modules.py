@@ -80,7 +80,7 @@ class QuantizedLinear(nn.Module):
             return self
         dev = self.weight.device
         group = int4.cpu_group_size(self.in_features)
-        if dev.type == "cpu" and group is not None:
+        if dev.type == "cpu" and group is not None and int4.cpu_block_rows() is not None:
             kernel = int4.to_cpu_layout(self.weight)
             self._table = int4.cpu_scales_and_zeros(self.weight_scale, self.in_features, kernel.shape[0], group)
             self.weight, self.layout, self._group = kernel, "cpu_int4", group
@@ -153,9 +153,8 @@ class QuantizedLinear(nn.Module):
             fused = not grad and small and x.device.type == "cpu" and int8.fused_int8_available(x.device, x.dtype)
             return int8.int8_matmul(x.contiguous() if fused else x, self.weight, self.weight_scale, fused=fused)
         n = self.out_features
-        if self.layout == "cpu_int4":  # blocks are multiples of 64 rows: whole blocks of the kernel layout
-            block = int4.CPU_BLOCK_N
-            rows = lambda lo, hi: int4.cpu_layout_to_int8(self.weight[lo: -(-hi // block) * block], hi - lo)  # noqa: E731
+        if self.layout == "cpu_int4":
+            rows = lambda lo, hi: int4.cpu_layout_rows(self.weight, lo, hi)  # noqa: E731
         else:
             storage = self.storage_weight()
             rows = lambda lo, hi: int4.unpack_int4(storage[lo:hi])  # noqa: E731
