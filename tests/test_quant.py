@@ -104,18 +104,20 @@ def test_cpu_layout_emulation_tells_block_sizes_apart():
 
 
 # ----- the modules and kernels -----------------------------------------------------------------------------
+@pytest.mark.parametrize("gemv", ["0", "1"])  # torch's CPU kernels / visualglm's (kernels/gemv.c)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # fused kernel (few rows) and dense path (many rows)
-def test_quantized_linear_equals_dequantized_weight(bits, dtype, rows):
+def test_quantized_linear_equals_dequantized_weight(bits, dtype, rows, gemv, monkeypatch):
+    monkeypatch.setenv("VISUALGLM_CPU_GEMV", gemv)
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(96, 200).to(dtype)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(200, 96, generator=g))
         lin.bias.copy_(torch.randn(200, generator=g))
     qlin = QuantizedLinear.from_linear(lin, bits)
-    if bits == 4:
-        assert qlin.layout == "cpu_int4"
+    if bits == 4:  # visualglm's kernel reads the storage layout; torch's wants its own
+        assert qlin.layout == ("storage" if gemv == "1" else "cpu_int4")
     x = torch.randn(rows, 2, 96, generator=g).to(dtype)
     with torch.no_grad():
         expected = F.linear(x.float(), qlin.dequantized(torch.float32), lin.bias.float())
@@ -147,7 +149,9 @@ def test_quantized_linear_backward_to_inputs():
     assert torch.allclose(x.grad, expected, atol=1e-5)
 
 
-def test_state_dict_is_the_storage_layout():
+@pytest.mark.parametrize("gemv", ["0", "1"])
+def test_state_dict_is_the_storage_layout(gemv, monkeypatch):
+    monkeypatch.setenv("VISUALGLM_CPU_GEMV", gemv)
     lin = torch.nn.Linear(64, 100)
     qlin = QuantizedLinear.from_linear(lin, 4)
     packed, _ = quantize_int4(lin.weight.detach())
@@ -156,7 +160,7 @@ def test_state_dict_is_the_storage_layout():
     other = QuantizedLinear.from_linear(torch.nn.Linear(64, 100), 4)
     other.load_state_dict(sd)
     x = torch.randn(1, 64)
-    assert torch.equal(other(x), qlin(x)) and other.layout == "cpu_int4"
+    assert torch.equal(other(x), qlin(x)) and other.layout == ("storage" if gemv == "1" else "cpu_int4")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import NAMED_CONFIGS, VisualGLMConfig
-from .generation.engine import Engine, Request
+from .generation.engine import Engine, Request, cpu_kernels
 from .generation.sampling import SamplingParams
 from .model.visualglm import VisualGLM
 from .quant.handlers import module_bits, prepare_for_inference, replace_module, resolve_quant
@@ -271,7 +271,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     embeds = None
     if with_image:
         pixels = torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size, generator=g)
-        with torch.inference_mode():
+        with torch.inference_mode(), cpu_kernels(device, model.dtype, pixels.shape[0] * 257):
             _sync(device)
             t = time.perf_counter()
             embeds = model.encode_image(pixels)[0]

@@ -18,7 +18,7 @@ import itertools
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -118,12 +118,12 @@ def follow(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
 
 
 def _kernels_like_rank0(model: nn.Module, op: str, args: tuple) -> AbstractContextManager:
-    """The engine picks CPU matmul kernels for one-row decode steps; pick the same, so no rank lags."""
-    if op != "forward" or not args:
-        return nullcontext()
-    from ..generation.engine import matvec_kernels
+    """The engine picks CPU matmul kernels for its inference steps; pick the same, so no rank lags or
+    computes a replicated tensor differently. ``forward`` gets its rows (input_ids (B, T): B*T)."""
+    from ..generation.engine import cpu_kernels
 
-    return matvec_kernels(model.device, model.dtype, args[0].numel())  # input_ids (B, T): B*T rows
+    rows = args[0].numel() if op == "forward" and args else 0
+    return cpu_kernels(model.device, model.dtype, rows)
 
 
 def _unpack(value: Any, caches: dict[int, KVCache], model: nn.Module, device: torch.device) -> Any:

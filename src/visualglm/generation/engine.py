@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..image import image_hash
+from ..kernels import cpu as kernels
 from ..model.kv_cache import KVCache
 from ..model.visualglm import VisualGLM
 from .cuda_graphs import DecodeGraphs
@@ -43,23 +44,26 @@ GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 
 
 @contextmanager
-def matvec_kernels(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """One row of bf16/fp16 on CPU: leave oneDNN out of the float GEMMs while the step runs.
+def cpu_kernels(device: torch.device, dtype: torch.dtype, rows: int, compiled: bool = False) -> Iterator[None]:
+    """An inference step of ``rows`` rows (batch x tokens) on CPU: pick the kernels that keep up.
 
-    For a matrix-vector product torch's oneDNN path reads the weights at about half the speed of the MKL
-    path it falls back to (measured ~20 vs ~33 GB/s for 16384x4096 bf16 on AVX-512); for many rows (prefill,
-    batches) oneDNN is far faster, so only single-row decode steps switch. The flag is process-wide: a
-    concurrent prefill in another thread is slower meanwhile, never wrong.
+    ``visualglm.kernels.cpu`` serves float Linears where it is enabled: matrix-vector kernels for a few rows
+    (decoding; not under ``torch.compile``), float32 GEMMs for many rows of bf16/fp16 on processors without
+    native half math. For one row of bf16/fp16 that torch still computes, oneDNN is left out: for a
+    matrix-vector product it reads the weights at about half the speed of the MKL path it falls back to
+    (measured ~20 vs ~33 GB/s for 16384x4096 bf16 on AVX-512); for many rows oneDNN is far faster. The oneDNN
+    flag is process-wide: a concurrent prefill in another thread is slower meanwhile, never wrong.
     """
-    if device.type != "cpu" or rows != 1 or dtype not in (torch.bfloat16, torch.float16):
+    if device.type != "cpu":
         yield
         return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
+    with ExitStack() as stack:
+        stack.enter_context(kernels.inference_linears(matvec=not compiled))
+        if rows == 1 and dtype in (torch.bfloat16, torch.float16):
+            before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+            stack.callback(setattr, torch.backends.mkldnn, "enabled", before)
         yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def check_compile(compile: bool | str, device: torch.device) -> None:
@@ -177,6 +181,10 @@ class Engine:
         slots = free[: len(requests)]
         width = max(len(r.input_ids) for r in requests)
         self._ensure_cache(width)
+        with cpu_kernels(self.model.device, self.model.dtype, len(requests) * width):
+            return self._prefill(requests, slots, width)
+
+    def _prefill(self, requests: list[Request], slots: list[int], width: int) -> dict[int, int]:
         dev = self.model.device
         ids = torch.full((len(requests), width), 0, dtype=torch.long)
         pos = torch.zeros((len(requests), 2, width), dtype=torch.long)
@@ -229,7 +237,7 @@ class Engine:
                   "context_lengths": torch.tensor([st.context for st in states], device=dev),
                   "starts": torch.tensor([st.start for st in states], device=dev), "cache_pos": where,
                   "slots": self._slot_index(running)}
-        with matvec_kernels(dev, self.model.dtype, len(states)):
+        with cpu_kernels(dev, self.model.dtype, len(states), compiled=self._decode is not self.model):
             if self._graphs is not None:
                 logits = self._graphs(self.cache, kv_len, **inputs)[:, -1]
             else:

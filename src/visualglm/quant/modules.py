@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
 from . import cuda_kernel, int4, int8
 
 # INT8: up to this many rows (tokens x batch) the fused kernel beats casting the matrix to the compute
@@ -80,6 +81,8 @@ class QuantizedLinear(nn.Module):
             return self
         dev = self.weight.device
         group = int4.cpu_group_size(self.in_features)
+        if dev.type == "cpu" and cpu_kernels.enabled() and self.in_features % 32 == 0:
+            return self  # visualglm's CPU kernel reads the storage layout (few rows; more: the dense path)
         if dev.type == "cpu" and group is not None and int4.cpu_block_rows() is not None:
             kernel = int4.to_cpu_layout(self.weight)
             self._table = int4.cpu_scales_and_zeros(self.weight_scale, self.in_features, kernel.shape[0], group)
@@ -143,22 +146,35 @@ class QuantizedLinear(nn.Module):
         if self.layout != "storage" and self.weight.device.type != packed_for:
             raise RuntimeError(f"this INT4 layer was packed for {packed_for} kernels but moved to "
                                f"{self.weight.device}; load the model on the device it runs on")
+        if self.layout == "storage" and not grad and cpu_kernels.serves(x, x.shape[0], self.in_features):
+            y = cpu_kernels.gemv(x, self.weight, cpu_kernels.INT8 if self.bits == 8 else cpu_kernels.INT4, self.weight_scale)
+            if y is not None:
+                return y.to(x.dtype)
         if self.layout == "cpu_int4" and not grad:
             return int4.int4_cpu_matmul(x.contiguous(), self.weight, self._group, self._table, self.out_features)
         if self.layout == "cuda_int4" and not grad:
             return int4.int4_cuda_matmul(x.contiguous(), self.weight, self._group, self._table)
+        # Many rows (or autograd): cast the integer values to the compute dtype block by block for a dense
+        # GEMM (exact), scale the output. float32 where bf16/fp16 GEMMs are emulated (see kernels.cpu).
+        upcast = (x.device.type == "cpu" and not grad and x.dtype in (torch.bfloat16, torch.float16)
+                  and cpu_kernels.upcast_enabled())
+        xc = x.float() if upcast else x
         if self.bits == 8:
             small = x.shape[0] <= INT8_FUSED_MAX_ROWS
             # torch's kernel on CUDA streams 100-230 GB/s on an H100: slower than casting blocks for cuBLAS
             fused = not grad and small and x.device.type == "cpu" and int8.fused_int8_available(x.device, x.dtype)
-            return int8.int8_matmul(x.contiguous() if fused else x, self.weight, self.weight_scale, fused=fused)
+            if fused:
+                return int8.int8_matmul(x.contiguous(), self.weight, self.weight_scale, fused=True)
+            return int8.int8_matmul(xc, self.weight, self.weight_scale.to(xc.dtype), fused=False).to(x.dtype)
         n = self.out_features
         if self.layout == "cpu_int4":
             rows = lambda lo, hi: int4.cpu_layout_rows(self.weight, lo, hi)  # noqa: E731
         else:
             storage = self.storage_weight()
-            rows = lambda lo, hi: int4.unpack_int4(storage[lo:hi])  # noqa: E731
-        return int8.dense_matmul(x, rows, n) * self.weight_scale  # int values cast exactly; scale the output
+            fast = x.device.type == "cpu" and not grad and cpu_kernels.library() is not None
+            rows = lambda lo, hi: (cpu_kernels.unpack_int4(storage[lo:hi]) if fast  # noqa: E731
+                                   else int4.unpack_int4(storage[lo:hi]))
+        return (int8.dense_matmul(xc, rows, n) * self.weight_scale.to(xc.dtype)).to(x.dtype)
 
     # ----- state dict: always the storage layout ---------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -1,0 +1,1 @@
+"""Hand-written kernels: CPU matrix-vector products for decoding (``cpu_gemv``)."""
