@@ -174,3 +174,14 @@ def test_engine_routes_on_cpu_only(monkeypatch):
         assert not torch.overrides._get_current_function_mode_stack()
     with cpu_kernels(torch.device("cpu"), torch.bfloat16, 1):
         assert torch.overrides._get_current_function_mode_stack()
+
+
+def test_small_models_skip_the_routing(monkeypatch):
+    """No matrix of the demo model is large enough, so its engine never enters the per-call routing."""
+    from visualglm.config import VisualGLMConfig
+    from visualglm.model.init import random_model
+
+    demo = random_model(VisualGLMConfig.from_name("visualglm-demo"), seed=0)
+    assert not cpu.worth_routing(demo)
+    monkeypatch.setattr(cpu, "MIN_WEIGHT_ELEMENTS", 0)
+    assert cpu.worth_routing(demo)

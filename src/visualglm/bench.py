@@ -25,6 +25,7 @@ from torch import nn
 from .config import NAMED_CONFIGS, VisualGLMConfig
 from .generation.engine import Engine, Request, cpu_kernels
 from .generation.sampling import SamplingParams
+from .kernels.cpu import worth_routing
 from .model.visualglm import VisualGLM
 from .quant.handlers import module_bits, prepare_for_inference, replace_module, resolve_quant
 from .quant.modules import QuantizedEmbedding, QuantizedLinear
@@ -271,7 +272,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     embeds = None
     if with_image:
         pixels = torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size, generator=g)
-        with torch.inference_mode(), cpu_kernels(device, model.dtype, pixels.shape[0] * 257):
+        with torch.inference_mode(), cpu_kernels(device, model.dtype, pixels.shape[0] * 257,
+                                                 route_linears=worth_routing(model)):
             _sync(device)
             t = time.perf_counter()
             embeds = model.encode_image(pixels)[0]

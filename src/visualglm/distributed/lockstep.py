@@ -121,9 +121,10 @@ def _kernels_like_rank0(model: nn.Module, op: str, args: tuple) -> AbstractConte
     """The engine picks CPU matmul kernels for its inference steps; pick the same, so no rank lags or
     computes a replicated tensor differently. ``forward`` gets its rows (input_ids (B, T): B*T)."""
     from ..generation.engine import cpu_kernels
+    from ..kernels.cpu import worth_routing
 
     rows = args[0].numel() if op == "forward" and args else 0
-    return cpu_kernels(model.device, model.dtype, rows)
+    return cpu_kernels(model.device, model.dtype, rows, route_linears=worth_routing(model))
 
 
 def _unpack(value: Any, caches: dict[int, KVCache], model: nn.Module, device: torch.device) -> Any:

@@ -44,10 +44,12 @@ GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 
 
 @contextmanager
-def cpu_kernels(device: torch.device, dtype: torch.dtype, rows: int, compiled: bool = False) -> Iterator[None]:
+def cpu_kernels(device: torch.device, dtype: torch.dtype, rows: int, compiled: bool = False,
+                route_linears: bool = True) -> Iterator[None]:
     """An inference step of ``rows`` rows (batch x tokens) on CPU: pick the kernels that keep up.
 
-    ``visualglm.kernels.cpu`` serves float Linears where it is enabled: matrix-vector kernels for a few rows
+    ``visualglm.kernels.cpu`` serves float Linears (``route_linears``: the model has some large enough) where
+    it is enabled: matrix-vector kernels for a few rows
     (decoding; not under ``torch.compile``), float32 GEMMs for many rows of bf16/fp16 on processors without
     native half math. For one row of bf16/fp16 that torch still computes, oneDNN is left out: for a
     matrix-vector product it reads the weights at about half the speed of the MKL path it falls back to
@@ -58,7 +60,8 @@ def cpu_kernels(device: torch.device, dtype: torch.dtype, rows: int, compiled: b
         yield
         return
     with ExitStack() as stack:
-        stack.enter_context(kernels.inference_linears(matvec=not compiled))
+        if route_linears:
+            stack.enter_context(kernels.inference_linears(matvec=not compiled))
         if rows == 1 and dtype in (torch.bfloat16, torch.float16):
             before = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = False
@@ -147,6 +150,7 @@ class Engine:
         check_compile(compile, model.device)
         self._decode = torch.compile(model, dynamic=True) if compile is True else model
         self._graphs = DecodeGraphs(self._decode) if compile and model.device.type == "cuda" else None
+        self._route_linears = model.device.type == "cpu" and kernels.worth_routing(model)
 
     # ----- admission ----------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
@@ -181,7 +185,8 @@ class Engine:
         slots = free[: len(requests)]
         width = max(len(r.input_ids) for r in requests)
         self._ensure_cache(width)
-        with cpu_kernels(self.model.device, self.model.dtype, len(requests) * width):
+        with cpu_kernels(self.model.device, self.model.dtype, len(requests) * width,
+                         route_linears=self._route_linears):
             return self._prefill(requests, slots, width)
 
     def _prefill(self, requests: list[Request], slots: list[int], width: int) -> dict[int, int]:
@@ -237,7 +242,8 @@ class Engine:
                   "context_lengths": torch.tensor([st.context for st in states], device=dev),
                   "starts": torch.tensor([st.start for st in states], device=dev), "cache_pos": where,
                   "slots": self._slot_index(running)}
-        with cpu_kernels(dev, self.model.dtype, len(states), compiled=self._decode is not self.model):
+        with cpu_kernels(dev, self.model.dtype, len(states), compiled=self._decode is not self.model,
+                         route_linears=self._route_linears):
             if self._graphs is not None:
                 logits = self._graphs(self.cache, kv_len, **inputs)[:, -1]
             else:

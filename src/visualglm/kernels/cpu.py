@@ -270,6 +270,13 @@ class _InferenceLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def worth_routing(model: torch.nn.Module) -> bool:
+    """Has ``model`` a float Linear that the routing below can serve? Small models (the demo) skip it: the
+    mode sees every torch call of a step, which costs more than it gives when no matrix is large."""
+    return any(isinstance(m, torch.nn.Linear) and _plain(m.weight) and m.weight.numel() >= MIN_WEIGHT_ELEMENTS
+               for m in model.modules())
+
+
 @contextmanager
 def inference_linears(matvec: bool = True) -> Iterator[None]:
     """Float ``F.linear`` calls of inference through these kernels where they serve the call: matrix-vector
