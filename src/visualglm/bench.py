@@ -272,8 +272,9 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     embeds = None
     if with_image:
         pixels = torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size, generator=g)
-        with torch.inference_mode(), cpu_kernels(device, model.dtype, pixels.shape[0] * 257,
-                                                 route_linears=worth_routing(model)):
+        v = model.config.vision
+        rows = pixels.shape[0] * ((v.image_size // v.patch_size) ** 2 + 1)  # patches + CLS: as the engine's prefill
+        with torch.inference_mode(), cpu_kernels(device, model.dtype, rows, route_linears=worth_routing(model)):
             _sync(device)
             t = time.perf_counter()
             embeds = model.encode_image(pixels)[0]

@@ -98,8 +98,11 @@ def follow(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     Errors that rank 0 also meets (checked before any collective, e.g. a prompt that is too long) are
     reported on stderr and the loop goes on, as rank 0's command goes on.
     """
+    from ..kernels.cpu import worth_routing
+
     caches: dict[int, KVCache] = {}
     device = next(model.parameters()).device
+    route_linears = worth_routing(model)  # as the engine decides once for its model
     while True:
         op, args, kwargs, live = _receive(group)
         if op == STOP:
@@ -111,20 +114,19 @@ def follow(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         if op == "forward":
             kwargs["logits"] = "none"  # lm_head is replicated: only rank 0 needs logits
         try:
-            with torch.inference_mode(), _kernels_like_rank0(model, op, args):
+            with torch.inference_mode(), _kernels_like_rank0(model, op, args, route_linears):
                 (model if op == "forward" else getattr(model, op))(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (rank 0 raised the same and carries on)
             print(f"[rank {env.rank()}] {op} failed as on rank 0: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def _kernels_like_rank0(model: nn.Module, op: str, args: tuple) -> AbstractContextManager:
+def _kernels_like_rank0(model: nn.Module, op: str, args: tuple, route_linears: bool) -> AbstractContextManager:
     """The engine picks CPU matmul kernels for its inference steps; pick the same, so no rank lags or
     computes a replicated tensor differently. ``forward`` gets its rows (input_ids (B, T): B*T)."""
     from ..generation.engine import cpu_kernels
-    from ..kernels.cpu import worth_routing
 
     rows = args[0].numel() if op == "forward" and args else 0
-    return cpu_kernels(model.device, model.dtype, rows, route_linears=worth_routing(model))
+    return cpu_kernels(model.device, model.dtype, rows, route_linears=route_linears)
 
 
 def _unpack(value: Any, caches: dict[int, KVCache], model: nn.Module, device: torch.device) -> Any:

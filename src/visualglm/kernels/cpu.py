@@ -21,6 +21,7 @@ bf16/fp16), ``1``, ``0``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -45,7 +46,7 @@ MIN_WEIGHT_ELEMENTS = 1 << 18  # smaller matrices sit in cache and torch's call 
 UPCAST_BLOCK_ELEMENTS = 1 << 24  # float32 copy of at most this many weights at a time (64 MB)
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library (None once a build failed); "native": bool
+_state: dict[str, ctypes.CDLL | None] = {}  # "lib": the loaded library (None once a build failed)
 
 
 def _mode(var: str) -> str:
@@ -75,7 +76,7 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _load()
-        return _state["lib"]  # type: ignore[return-value]
+        return _state["lib"]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -212,6 +213,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # ----- float32 GEMMs for bf16/fp16 weights --------------------------------------------------------------
+@functools.cache
 def native_half_math() -> bool:
     """Does this processor multiply bf16/fp16 natively (AVX512_BF16, AMX, AVX512_FP16; any non-x86)?"""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
@@ -226,18 +228,19 @@ def native_half_math() -> bool:
 
 def upcast_enabled() -> bool:
     mode = _mode("VISUALGLM_CPU_UPCAST")
-    if mode == "auto":
-        if "native" not in _state:
-            _state["native"] = native_half_math()
-        return not _state["native"]
-    return mode == "1"
+    return not native_half_math() if mode == "auto" else mode == "1"
+
+
+def upcasts(x: torch.Tensor) -> bool:
+    """Does a GEMM of this input (bf16/fp16 on CPU, eager) run in float32 here? Autograd is the caller's check."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_compiling() and upcast_enabled())
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear`` of a bf16/fp16 CPU weight as float32 GEMMs over blocks of output rows, or None where it
     does not apply (other dtypes, autograd, tensor subclasses)."""
-    if (not _plain(weight) or weight.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype
-            or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    if not _plain(weight) or x.dtype != weight.dtype or torch.is_grad_enabled() or not upcasts(x):
         return None
     n, k = weight.shape
     xf = x.reshape(-1, k).to(torch.float32)

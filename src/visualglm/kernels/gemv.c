@@ -1,9 +1,10 @@
 /* Matrix-vector products for decoding on CPU: y (M, N) = x (M, K) . W^T, W (N, K) row-major, M small.
  *
  * Batch-1 decoding reads every weight once per token, so it runs at memory speed only if converting a
- * weight to float costs less than reading it. torch's own paths on AVX2 processors (no AVX-512) do not
- * manage that on two cores (bf16 ~16 GB/s, int8 ~12, int4 ~6 against ~30 GB/s of bandwidth); these loops do
- * (bf16 ~24, int8 ~18, int4 ~10 GB/s of weights there). Built once per machine by visualglm/kernels/cpu.py.
+ * weight to float costs less than reading it. torch's own paths on AVX2 processors (no AVX-512) fall short on
+ * two cores; these loops stream 1.1-1.8x as many bytes per second on the GLM-6B shapes (bf16 ~17-24 GB/s,
+ * int8 ~8-18, int4 ~5-9 against 20-30 GB/s of bandwidth: bf16 keeps up, int8/int4 stay compute-bound;
+ * benchmarks/cpu_kernels.py). Built once per machine by visualglm/kernels/cpu.py.
  *
  * Weight kinds: 0 float32, 1 bfloat16, 2 float16, 3 int8 with one float scale per row, 4 int4 in the
  * storage layout (byte i of a row = q[2i] << 4 | (q[2i+1] & 0xF), signed nibbles) with one scale per row;

@@ -21,6 +21,8 @@ That is the storage (checkpoint) layout. At run time a Linear is repacked once f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .int8 import quantize_rows
@@ -29,7 +31,6 @@ QMAX = 7
 CPU_BLOCK_CANDIDATES = (64, 32, 16)  # rows per block of the CPU kernel's layout, by vector width
 CPU_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the kernels accept, largest first
 _PACK_CHUNK_ROWS = 64 * 64  # repack this many rows at a time (the CPU packer wants int32 input)
-_BLOCK_ROWS: list[int | None] = []  # cpu_block_rows' answer, once found
 
 
 # ----- the storage layout ----------------------------------------------------------------------------
@@ -70,6 +71,7 @@ def cpu_group_size(in_features: int) -> int | None:
     return next((g for g in CPU_GROUP_SIZES if in_features % g == 0), None)
 
 
+@functools.cache
 def cpu_block_rows() -> int | None:
     """Rows per block of this processor's CPU int4 layout, or None when the packer is missing or lays rows out
     in a way this module cannot read back (then INT4 layers keep the storage layout and the generic path).
@@ -77,12 +79,6 @@ def cpu_block_rows() -> int | None:
     Found by packing a random probe and comparing it with :func:`_emulate_cpu_layout` for each candidate:
     the layout is torch's private choice, and a wrong guess would silently corrupt every INT4 weight read
     back from it (saving, merging, the many-rows path)."""
-    if not _BLOCK_ROWS:
-        _BLOCK_ROWS.append(_probe_block_rows())
-    return _BLOCK_ROWS[0]
-
-
-def _probe_block_rows() -> int | None:
     rows = 2 * max(CPU_BLOCK_CANDIDATES)
     q = torch.randint(0, 16, (rows, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:

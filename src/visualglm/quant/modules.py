@@ -156,9 +156,7 @@ class QuantizedLinear(nn.Module):
             return int4.int4_cuda_matmul(x.contiguous(), self.weight, self._group, self._table)
         # Many rows (or autograd): cast the integer values to the compute dtype block by block for a dense
         # GEMM (exact), scale the output. float32 where bf16/fp16 GEMMs are emulated (see kernels.cpu).
-        upcast = (x.device.type == "cpu" and not grad and x.dtype in (torch.bfloat16, torch.float16)
-                  and cpu_kernels.upcast_enabled())
-        xc = x.float() if upcast else x
+        xc = x.float() if not grad and cpu_kernels.upcasts(x) else x
         if self.bits == 8:
             small = x.shape[0] <= INT8_FUSED_MAX_ROWS
             # torch's kernel on CUDA streams 100-230 GB/s on an H100: slower than casting blocks for cuBLAS
@@ -171,9 +169,7 @@ class QuantizedLinear(nn.Module):
             rows = lambda lo, hi: int4.cpu_layout_rows(self.weight, lo, hi)  # noqa: E731
         else:
             storage = self.storage_weight()
-            fast = x.device.type == "cpu" and not grad and cpu_kernels.library() is not None
-            rows = lambda lo, hi: (cpu_kernels.unpack_int4(storage[lo:hi]) if fast  # noqa: E731
-                                   else int4.unpack_int4(storage[lo:hi]))
+            rows = lambda lo, hi: _int4_values(storage[lo:hi])  # noqa: E731
         return (int8.dense_matmul(xc, rows, n) * self.weight_scale.to(xc.dtype)).to(x.dtype)
 
     # ----- state dict: always the storage layout ---------------------------------------------------------
@@ -193,6 +189,12 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, layout={self.layout}")
+
+
+def _int4_values(packed: torch.Tensor) -> torch.Tensor:
+    """Storage-layout rows -> their values, through the CPU kernels where they serve (memory speed)."""
+    values = cpu_kernels.unpack_int4(packed)
+    return values if values is not None else int4.unpack_int4(packed)
 
 
 class QuantizedEmbedding(nn.Module):
